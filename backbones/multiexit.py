@@ -1,0 +1,189 @@
+"""A multi-exit encoder: any BERT-family Hugging Face encoder with an internal
+classifier after every layer, and a forward that runs one layer at a time.
+
+State s_l (what the internal classifier at layer l reads, and what the
+environment reveals at step l) depends on ``pooling``:
+
+- ``mean``: masked mean of layer l's token states. The default for
+  sentence-transformers checkpoints such as all-MiniLM-L6-v2, which were trained
+  with mean pooling and whose [CLS] state is nearly empty below the top layer.
+- ``cls``: the [CLS] state through one shared BERT pooler (dense + tanh), as in
+  the paper and PABEE. The default for plain BERT-style checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.masking_utils import create_bidirectional_mask
+
+from backbones.paths import DEFAULT_ENCODER, resolve_model
+
+CONFIG_NAME = "multiexit.json"
+WEIGHTS_NAME = "model.safetensors"
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class MultiExitConfig:
+    model: str  # the encoder it was built from (name or path), for the record
+    num_labels: int
+    pooling: str = "mean"
+    classifier_dropout: float = 0.1
+    max_length: int = 128
+    task: str = ""
+    label_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        self.label_names = tuple(self.label_names)
+
+
+def default_pooling(model_path: str) -> str:
+    """``mean`` for sentence-transformers checkpoints (they ship modules.json), else ``cls``."""
+    return "mean" if (Path(model_path) / "modules.json").is_file() else "cls"
+
+
+class MultiExitEncoder(nn.Module):
+    def __init__(self, config: MultiExitConfig, encoder: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        if not hasattr(encoder, "embeddings") or not hasattr(getattr(encoder, "encoder", None), "layer"):
+            raise ValueError(
+                f"{type(encoder).__name__} is not a BERT-family encoder "
+                "(expected .embeddings and .encoder.layer)"
+            )
+        hidden = encoder.config.hidden_size
+        # The shared pooler of the paper (cls pooling), initialised from the checkpoint's pooler if it has one.
+        self.pooler = None
+        if config.pooling == "cls":
+            self.pooler = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+            src = getattr(encoder, "pooler", None)
+            if src is not None and hasattr(src, "dense"):
+                self.pooler[0].load_state_dict(src.dense.state_dict())
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # the encoder's own pooler is unused (we pool every layer ourselves)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Dropout(config.classifier_dropout), nn.Linear(hidden, config.num_labels))
+            for _ in range(self.num_layers)
+        )
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def from_pretrained_encoder(cls, model: str | None, num_labels: int, **kw) -> "MultiExitEncoder":
+        """Fresh internal classifiers on top of pretrained encoder weights."""
+        path = resolve_model(model)
+        kw.setdefault("pooling", default_pooling(path))
+        encoder = AutoModel.from_pretrained(path)
+        return cls(MultiExitConfig(model=model or DEFAULT_ENCODER, num_labels=num_labels, **kw), encoder)
+
+    @classmethod
+    def from_encoder_config(cls, encoder_config, num_labels: int, **kw) -> "MultiExitEncoder":
+        """Randomly initialised (tests build tiny models this way)."""
+        return cls(MultiExitConfig(model="<config>", num_labels=num_labels, **kw), AutoModel.from_config(encoder_config))
+
+    def save(self, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """safetensors weights + JSON configs (+ the tokenizer), written atomically per file."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.encoder.config.save_pretrained(out / "encoder")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / "tokenizer")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = out / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, out / WEIGHTS_NAME)
+        _atomic_write_text(out / CONFIG_NAME, json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def load(cls, ckpt_dir: str | os.PathLike) -> "MultiExitEncoder":
+        from safetensors.torch import load_file
+
+        d = Path(ckpt_dir)
+        if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{d} is not a multi-exit checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        cfg = MultiExitConfig(**json.loads((d / CONFIG_NAME).read_text()))
+        model = cls(cfg, AutoModel.from_config(AutoConfig.from_pretrained(d / "encoder")))
+        model.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
+        return model.eval()
+
+    # ------------------------------------------------------------ layer by layer
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.encoder.layer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.encoder.layer)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+        """Embeddings and the attention mask in the form the layers take."""
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder.embeddings(input_ids=input_ids, **kw)
+        return hidden, self.layer_mask(hidden, attention_mask)
+
+    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def run_layer(self, l: int, hidden: torch.Tensor, layer_mask) -> torch.Tensor:
+        """Apply layer ``l`` (0-based) to the token states."""
+        out = self.layers[l](hidden, attention_mask=layer_mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.config.pooling == "cls":
+            return self.pooler(hidden[:, 0])
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def classify(self, l: int, pooled: torch.Tensor) -> torch.Tensor:
+        return self.heads[l](pooled)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, return_states: bool = False):
+        """All exits: logits [B, L, C] (and pooled states [B, L, H] if asked)."""
+        hidden, mask = self.embed(input_ids, attention_mask, token_type_ids)
+        logits, states = [], []
+        for l in range(self.num_layers):
+            hidden = self.run_layer(l, hidden, mask)
+            pooled = self.pool(hidden, attention_mask)
+            logits.append(self.classify(l, pooled))
+            if return_states:
+                states.append(pooled)
+        out = torch.stack(logits, 1)
+        return (out, torch.stack(states, 1)) if return_states else out
+
+
+def load_tokenizer(path_or_ckpt: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """A checkpoint's own tokenizer if it saved one, else the encoder's."""
+    p = Path(path_or_ckpt)
+    if (p / "tokenizer").is_dir():
+        return AutoTokenizer.from_pretrained(p / "tokenizer")
+    return AutoTokenizer.from_pretrained(resolve_model(str(path_or_ckpt)))
+
+
+def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str = "eq1") -> torch.Tensor:
+    """Stage-1 loss. ``eq1``: sum_l l * CE_l / sum_l l (paper Eq 1-2). ``last``: CE of the last layer only."""
+    b, n_layers, c = logits.shape
+    ce = nn.functional.cross_entropy(logits.reshape(-1, c), labels.repeat_interleave(n_layers), reduction="none")
+    ce = ce.view(b, n_layers).mean(0)
+    if objective == "last":
+        return ce[-1]
+    if objective != "eq1":
+        raise ValueError(f"objective must be 'eq1' or 'last', got {objective!r}")
+    w = torch.arange(1, n_layers + 1, dtype=ce.dtype, device=ce.device)
+    return (w * ce).sum() / w.sum()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
