@@ -1,0 +1,257 @@
+"""ConsistentEE's policy training (paper Eq 5): REINFORCE on the early-exit environment.
+
+    python -m agents.reinforce --env cee/RTE-v0
+    python -m agents.reinforce --env cee/MRPC-v0 --alpha 0.02 --reward vanilla
+
+Per update: a batch of training instances, K trajectories each (K copies of the
+instance in the vector env), actions sampled from Bernoulli(pi(exit | s_l)) with
+decaying epsilon-random exploration; the loss is
+-(1/NK) sum (R_ik - b_i) log pi(tau_ik) with b_i the mean reward of instance i's
+K trajectories. The backbone is frozen: the env serves cached layer states.
+Evaluation uses the paper's inference rule (exit at the first layer with
+pi > 0.5) on dev (and test when given). On a fresh machine the stage-1 checkpoint
+and the layer caches are built first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import cee_env  # noqa: F401  (registers cee/<Task>-v0)
+from agents.evaluate import EvalResult, evaluate
+from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
+from backbones.paths import runs_dir
+from cee_env.cache import LayerCache
+
+
+@dataclass
+class Args:
+    env: str = "cee/RTE-v0"
+    """environment id (cee/<Task>-v0)"""
+    reward: str = "hardness"
+    """hardness (Eq 4), vanilla (Eq 3) or hardness_weighted (the alternative reading of Eq 4)"""
+    alpha: float = 0.02
+    """depth penalty per layer (t is the 1-based exit layer)"""
+    epochs: int = 30
+    """passes over the training instances"""
+    batch_size: int = 32
+    """instances per policy update"""
+    k: int = 8
+    """trajectories per instance (the paper's K); their mean reward is the baseline"""
+    lr: float = 3e-4
+    """Adam learning rate of the policy"""
+    hidden: int = 32
+    """hidden units of each layer's policy MLP"""
+    shared: bool = False
+    """one MLP for all layers with a layer embedding, instead of one per layer"""
+    exploration: str = "sample"
+    """sample: actions ~ Bernoulli(pi) plus epsilon-random; greedy: pi > 0.5 plus epsilon-random (authors' code)"""
+    eps_start: float = 0.2
+    """initial epsilon of epsilon-random exploration"""
+    eps_end: float = 0.0
+    """final epsilon (linear decay over training)"""
+    eval_every: int = 5
+    """epochs between dev evaluations"""
+    seed: int = 0
+    """random seed"""
+    checkpoint: str | None = None
+    """stage-1 checkpoint directory (default: the task's default, trained if missing)"""
+    data_dir: str | None = None
+    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
+    test_file: str | None = None
+    """labelled test file of the task's format, evaluated at the end"""
+    run_name: str | None = None
+    """name of the run folder under runs/reinforce and runs/tb (default from env, reward, alpha, seed)"""
+    quiet: bool = False
+    """no progress bar or final table"""
+
+
+def make_caches(args: Args) -> dict[str, LayerCache]:
+    """Train and dev caches (and test when a test file is given) of the environment's task."""
+    spec = gym.spec(args.env)
+    task = spec.kwargs["task"]
+    if task.lower() == "synthetic":
+        from cee_env.synthetic import make_synthetic_cache
+
+        return {s: make_synthetic_cache(split=s, seed=args.seed) for s in ("train", "dev")}
+    from cee_env.cache import get_cache
+
+    kw = dict(task=task, checkpoint=args.checkpoint, data_dir=args.data_dir)
+    out = {"train": get_cache(split="train", **kw), "dev": get_cache(split="dev", **kw)}
+    if args.test_file:
+        out["test"] = get_cache(split="test", test_file=args.test_file, **kw)
+    return out
+
+
+def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, alive: torch.Tensor,
+                   returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Eq 5. ``logits``/``actions``/``alive`` [T, B*K] over steps (alive: the trajectory had not
+    ended before that step), ``returns`` [B*K] with the K copies of an instance adjacent."""
+    logp_step = -torch.nn.functional.binary_cross_entropy_with_logits(logits, actions, reduction="none")
+    logp_tau = (logp_step * alive).sum(0)
+    r = returns.view(-1, k)
+    adv = (r - r.mean(1, keepdim=True)).reshape(-1)
+    return -(adv * logp_tau).mean()
+
+
+def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
+    """Train a policy; returns {"policy": LearnedExit, "results": {...}, "run_dir": Path}."""
+    if args.reward not in cee_env.REWARDS:
+        raise ValueError(f"--reward must be one of {cee_env.REWARDS}")
+    if args.exploration not in ("sample", "greedy"):
+        raise ValueError("--exploration must be 'sample' or 'greedy'")
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    caches = caches or make_caches(args)
+    train_cache, dev_cache = caches["train"], caches["dev"]
+    n, L, H = train_cache.num_instances, train_cache.num_layers, train_cache.hidden_size
+    nenv = args.batch_size * args.k
+    envs = gym.make_vec(args.env, num_envs=nenv, vectorization_mode="vector_entry_point", task=None,
+                        cache=train_cache, split="train", reward=args.reward, alpha=args.alpha, obs="state_layer")
+    net = LayerMLPPolicy(H, L, args.hidden, args.shared)
+    net.set_normaliser(train_cache.states)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    policy = LearnedExit(net)
+
+    name = args.run_name or f"{args.env.split('/')[-1]}-{args.reward}-a{args.alpha:g}-s{args.seed}"
+    run_dir = runs_dir() / "reinforce" / name
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(runs_dir() / "tb" / "reinforce" / name))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    updates_per_epoch = int(np.ceil(n / args.batch_size))
+    total = updates_per_epoch * args.epochs
+    t0, update, curve = time.time(), 0, []
+    bar = tqdm(total=total, desc=f"REINFORCE {name}", disable=args.quiet)
+    for epoch in range(args.epochs):
+        order = rng.permutation(n)
+        for b in range(updates_per_epoch):
+            ids = order[b * args.batch_size:(b + 1) * args.batch_size]
+            ids = np.concatenate([ids, rng.integers(0, n, args.batch_size - len(ids))])  # fill the last batch
+            eps = args.eps_start + (args.eps_end - args.eps_start) * update / max(1, total - 1)
+            obs, _ = envs.reset(options={"indices": np.repeat(ids, args.k)})
+            alive = np.ones(nenv, dtype=bool)
+            returns = np.zeros(nenv)
+            obs_t, layer_t, act_t, alive_t = [], [], [], []
+            while alive.any():
+                s = torch.as_tensor(obs[:, :H])
+                layer = torch.as_tensor(obs[:, H:].argmax(1))
+                with torch.no_grad():
+                    p = torch.sigmoid(net.logits(s, layer)).numpy()
+                a = (rng.random(nenv) < p) if args.exploration == "sample" else (p > 0.5)
+                explore = rng.random(nenv) < eps
+                a = np.where(explore, rng.random(nenv) < 0.5, a).astype(np.int64)
+                obs_t.append(s), layer_t.append(layer), act_t.append(a), alive_t.append(alive.copy())
+                obs, r, term, trunc, _ = envs.step(a)
+                returns[alive] = r[alive]
+                alive &= ~(term | trunc)
+            # Recompute log pi(tau) with gradients (Eq 5).
+            T = len(obs_t)
+            logits = net.logits(torch.cat(obs_t), torch.cat(layer_t)).view(T, nenv)
+            acts = torch.as_tensor(np.stack(act_t), dtype=torch.float32)
+            alv = torch.as_tensor(np.stack(alive_t), dtype=torch.float32)
+            loss = reinforce_loss(logits, acts, alv, torch.as_tensor(returns, dtype=torch.float32), args.k)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            update += 1
+            with torch.no_grad():
+                pr = torch.sigmoid(logits)
+                ent = -(pr * torch.log(pr + 1e-8) + (1 - pr) * torch.log(1 - pr + 1e-8))
+                ent = float((ent * alv).sum() / alv.sum())
+            exit_layer = (alv.sum(0)).numpy()
+            writer.add_scalar("charts/mean_reward", returns.mean(), update)
+            writer.add_scalar("charts/avg_exit_layer_train", exit_layer.mean(), update)
+            writer.add_scalar("charts/policy_entropy", ent, update)
+            writer.add_scalar("charts/epsilon", eps, update)
+            writer.add_scalar("losses/policy_loss", loss.item(), update)
+            curve.append((update * nenv, float(returns.mean())))
+            bar.update()
+            bar.set_postfix(reward=f"{returns.mean():.3f}", exit=f"{exit_layer.mean():.2f}", eps=f"{eps:.2f}")
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            res = evaluate(policy, dev_cache)
+            log_eval(writer, "dev", res, update)
+    bar.close()
+    envs.close()
+
+    results = {"args": asdict(args), "train_seconds": round(time.time() - t0, 1), "env_steps": int(update * nenv),
+               "reward_curve": curve[:: max(1, len(curve) // 200)]}
+    for split, cache in caches.items():
+        if split == "train" or not cache.has_labels:
+            continue
+        rows = [evaluate(p, cache) for p in (StaticExit(L), policy, OracleExit())]
+        log_eval(writer, split, rows[1], update)
+        results[split] = {r.policy: r.to_dict() for r in rows}
+    writer.close()
+    net.save(run_dir, extra={"task": train_cache.task, "checkpoint": train_cache.meta.get("checkpoint"),
+                             "env": args.env, "reward": args.reward, "alpha": args.alpha})
+    _write_json(run_dir / "results.json", results)
+    if not args.quiet:
+        print_summary(results, run_dir)
+    return {"policy": policy, "results": results, "run_dir": run_dir}
+
+
+def log_eval(writer, split: str, res: EvalResult, step: int) -> None:
+    writer.add_scalar(f"eval/{split}_{res.metric_name}", res.metric, step)
+    writer.add_scalar(f"eval/{split}_avg_exit_layer", res.avg_exit_layer, step)
+    writer.add_scalar(f"eval/{split}_saved_layers", res.saved_layers, step)
+    writer.add_histogram(f"eval/{split}_exit_layer", res.exit_layers, step, bins=np.arange(0.5, res.num_layers + 1))
+
+
+def print_summary(results: dict, run_dir: Path) -> None:
+    print(f"\ntrained in {results['train_seconds']:.0f} s ({results['env_steps']:,} env steps)")
+    for split in ("dev", "test"):
+        if split not in results:
+            continue
+        print(f"\n{split}:")
+        for r in results[split].values():
+            print("  " + EvalResult(**{**r, "exit_layers": None, "preds": None}).line()
+                  + "   exits per layer " + " ".join(map(str, r["exit_hist"])))
+    print(f"\npolicy and results.json: {run_dir}\nTensorBoard: tensorboard --logdir {runs_dir() / 'tb'}")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None) -> Args:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = _field_docs()
+    for f in fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", help=docs.get(f.name))
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=typ, default=f.default, help=f"{docs.get(f.name)} (default: {f.default})")
+    return Args(**vars(p.parse_args(argv)))
+
+
+def _field_docs() -> dict[str, str]:
+    """The docstring under each Args field (CleanRL style), for --help."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(Args))
+    body, docs = tree.body[0].body, {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    return docs
+
+
+if __name__ == "__main__":
+    train(parse_args())
