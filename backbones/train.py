@@ -29,6 +29,7 @@ from backbones import tasks as T
 from backbones.data import Encoded, model_inputs, run_all_layers
 from backbones.multiexit import WEIGHTS_NAME, MultiExitEncoder, default_pooling, load_tokenizer, weighted_exit_loss
 from backbones.paths import DEFAULT_ENCODER, resolve_model, runs_dir
+from backbones.policy_net import LayerMLPPolicy
 
 # Per-task defaults that differ from TrainConfig's (small sets want more epochs; SST-2 is big for 2 cores).
 TASK_DEFAULTS: dict[str, dict] = {
@@ -42,7 +43,9 @@ class TrainConfig:
     task: str = "RTE"
     model: str = DEFAULT_ENCODER
     pooling: str | None = None  # None: mean for sentence-transformers checkpoints, cls otherwise
-    objective: str = "eq1"  # eq1 (all exits, w_l = l) or last
+    objective: str = "eq1"  # eq1 (all exits, w_l = l), last, or exit (Eq 6: CE at the frozen policy's exit)
+    exit_policy: str | None = None  # policy folder (policy.safetensors + policy.json), for objective "exit"
+    init_from: str | None = None  # start from this multi-exit checkpoint instead of the pretrained encoder
     epochs: int | None = None  # None: task default (3)
     batch_size: int = 32
     lr: float = 5e-5  # encoder
@@ -67,6 +70,8 @@ class TrainConfig:
             if getattr(c, k) is None:
                 setattr(c, k, v)
         c.epochs = c.epochs or 3
+        if c.init_from:  # architecture comes from the checkpoint
+            c.pooling = json.loads((Path(c.init_from) / "multiexit.json").read_text())["pooling"]
         c.pooling = c.pooling or default_pooling(resolve_model(c.model))
         return c
 
@@ -113,11 +118,19 @@ def train(cfg: TrainConfig) -> Path:
         acc.print(f"{out} is already trained; delete it to train again.")
         return out
 
-    tok = load_tokenizer(resolve_model(c.model))
-    model = MultiExitEncoder.from_pretrained_encoder(
-        c.model, len(spec.label_names), pooling=c.pooling, max_length=c.max_length,
-        task=c.task, label_names=spec.label_names,
-    )
+    if c.objective == "exit" and not c.exit_policy:
+        raise ValueError("--objective exit (Eq 6) needs --exit-policy DIR (a trained policy folder)")
+    if c.init_from:
+        model, tok = MultiExitEncoder.load(c.init_from), load_tokenizer(c.init_from)
+        if model.config.num_labels != len(spec.label_names):
+            raise ValueError(f"{c.init_from} has {model.config.num_labels} labels; task {c.task} has {len(spec.label_names)}")
+    else:
+        tok = load_tokenizer(resolve_model(c.model))
+        model = MultiExitEncoder.from_pretrained_encoder(
+            c.model, len(spec.label_names), pooling=c.pooling, max_length=c.max_length,
+            task=c.task, label_names=spec.label_names,
+        )
+    exit_net = LayerMLPPolicy.load(c.exit_policy).requires_grad_(False) if c.objective == "exit" else None
     enc_train = Encoded(train_ds, tok, c.max_length)
     enc_dev = Encoded(dev_ds, tok, c.max_length)
     steps_per_epoch = math.ceil(len(enc_train) / (c.batch_size * acc.num_processes))
@@ -176,8 +189,12 @@ def train(cfg: TrainConfig) -> Path:
         bar = tqdm(dl, total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{c.epochs}",
                    disable=not acc.is_local_main_process)
         for i, batch in enumerate(bar, start=skip):
-            logits = model(**model_inputs(batch))
-            loss = weighted_exit_loss(logits, batch["labels"], c.objective)
+            if exit_net is None:
+                logits = model(**model_inputs(batch))
+                loss = weighted_exit_loss(logits, batch["labels"], c.objective)
+            else:
+                logits, states = model(**model_inputs(batch), return_states=True)
+                loss = exit_layer_loss(logits, states, batch["labels"], exit_net)
             acc.backward(loss)
             acc.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -218,6 +235,15 @@ def train(cfg: TrainConfig) -> Path:
         print(f"checkpoint: {out}  ({result['wall_time_s']:.0f} s)")
     acc.wait_for_everyone()
     return out
+
+
+def exit_layer_loss(logits: torch.Tensor, states: torch.Tensor, labels: torch.Tensor, exit_net) -> torch.Tensor:
+    """Eq 6: cross-entropy only at the layer where the frozen policy exits (first pi > 0.5, else the last)."""
+    with torch.no_grad():
+        go = exit_net.all_layer_logits(states.detach().float()) > 0  # pi > 0.5
+        go[:, -1] = True
+        t = go.int().argmax(1)
+    return torch.nn.functional.cross_entropy(logits[torch.arange(len(t), device=t.device), t], labels)
 
 
 def model_layers(model) -> int:
@@ -269,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model": "encoder: the packaged all-MiniLM-L6-v2 by default, or any BERT-family local path / hub name",
         "pooling": "state the exits read: mean (masked mean of tokens) or cls ([CLS] through a shared pooler); "
                    "default mean for sentence-transformers checkpoints, cls otherwise",
-        "objective": "eq1: weighted CE over all exits (paper Eq 1-2); last: plain fine-tune of the last layer",
+        "objective": "eq1: weighted CE over all exits (paper Eq 1-2); last: plain fine-tune of the last layer; "
+                     "exit: CE only at the exit the frozen --exit-policy picks (paper Eq 6)",
+        "exit_policy": "policy folder (policy.safetensors + policy.json) for --objective exit",
+        "init_from": "start from this multi-exit checkpoint (e.g. the stage-1 one) instead of the pretrained encoder",
         "epochs": "training epochs (default 3; MCID 8)",
         "batch_size": "training batch size per process",
         "lr": "peak learning rate of the encoder",
@@ -291,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         typ = {int: int, float: float}.get(type(f.default), str)
         if f.name in ("epochs", "max_train_samples"):
             typ = int
-        kw = {"choices": ["eq1", "last"]} if f.name == "objective" else {}
+        kw = {"choices": ["eq1", "last", "exit"]} if f.name == "objective" else {}
         if f.name == "pooling":
             kw = {"choices": ["mean", "cls"]}
         p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default, help=helps[f.name], **kw)

@@ -1,0 +1,92 @@
+"""The exit policy network pi(exit | s_l) of ConsistentEE: a model component, trained by agents.
+
+It lives with the backbones because an early-exit model is a backbone plus this
+network, and Eq 6 fine-tuning (backbones.train --objective exit) reads it frozen.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class LayerMLPPolicy(nn.Module):
+    """pi(exit | s_l): per layer a two-layer MLP (H -> hidden -> 1, GELU, sigmoid), as in the paper.
+
+    ``shared=True`` uses one MLP for all layers with a learned layer embedding added
+    to its hidden units. States are standardised with per-feature statistics
+    ``mean``/``std`` taken from the training cache (stored with the policy).
+    """
+
+    def __init__(self, state_dim: int, num_layers: int, hidden: int = 32, shared: bool = False) -> None:
+        super().__init__()
+        self.state_dim, self.num_layers, self.hidden, self.shared = state_dim, num_layers, hidden, shared
+        n = 1 if shared else num_layers
+        self.w1 = nn.Parameter(torch.empty(n, state_dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(n, hidden))
+        self.w2 = nn.Parameter(torch.empty(n, hidden, 1))
+        self.b2 = nn.Parameter(torch.zeros(n, 1))
+        self.layer_emb = nn.Parameter(torch.zeros(num_layers, hidden)) if shared else None
+        for w in (self.w1, self.w2):
+            nn.init.kaiming_uniform_(w.view(-1, w.shape[-1]).T, a=5 ** 0.5)
+        self.register_buffer("mean", torch.zeros(state_dim))
+        self.register_buffer("std", torch.ones(state_dim))
+
+    def set_normaliser(self, states: np.ndarray) -> None:
+        flat = np.asarray(states, dtype=np.float64).reshape(-1, self.state_dim)
+        self.mean.copy_(torch.as_tensor(flat.mean(0), dtype=torch.float32))
+        self.std.copy_(torch.as_tensor(flat.std(0) + 1e-4, dtype=torch.float32))
+
+    def logits(self, states: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """Exit logits for states [B, H] at 0-based layers [B]."""
+        x = (states - self.mean) / self.std
+        idx = torch.zeros_like(layers) if self.shared else layers
+        h = torch.einsum("bd,bdk->bk", x, self.w1[idx]) if x.shape[0] <= 64 else self._grouped(x, idx)
+        h = h + self.b1[idx]
+        if self.shared:
+            h = h + self.layer_emb[layers]
+        h = nn.functional.gelu(h)
+        return (h.unsqueeze(1) @ self.w2[idx]).squeeze(-1).squeeze(-1) + self.b2[idx].squeeze(-1)
+
+    def _grouped(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(x.shape[0], self.hidden)
+        for g in idx.unique().tolist():
+            sel = idx == g
+            out[sel] = x[sel] @ self.w1[g]
+        return out
+
+    def all_layer_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Exit logits for states [N, L, H] at every layer: [N, L]."""
+        x = (states - self.mean) / self.std
+        if self.shared:
+            h = x @ self.w1[0] + self.b1[0] + self.layer_emb
+            return (nn.functional.gelu(h) @ self.w2[0]).squeeze(-1) + self.b2[0]
+        h = torch.einsum("nld,ldk->nlk", x, self.w1) + self.b1
+        return torch.einsum("nlk,lko->nlo", nn.functional.gelu(h), self.w2).squeeze(-1) + self.b2.squeeze(-1)
+
+    # ----------------------------------------------------------- save / load
+    def save(self, out_dir: str | os.PathLike, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(out / "policy.safetensors.tmp"))
+        os.replace(out / "policy.safetensors.tmp", out / "policy.safetensors")
+        cfg = {"state_dim": self.state_dim, "num_layers": self.num_layers, "hidden": self.hidden,
+               "shared": self.shared, **(extra or {})}
+        (out / "policy.json.tmp").write_text(json.dumps(cfg, indent=2))
+        os.replace(out / "policy.json.tmp", out / "policy.json")
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> "LayerMLPPolicy":
+        from safetensors.torch import load_file
+
+        d = Path(run_dir)
+        cfg = json.loads((d / "policy.json").read_text())
+        net = cls(cfg["state_dim"], cfg["num_layers"], cfg["hidden"], cfg["shared"])
+        net.load_state_dict(load_file(str(d / "policy.safetensors")))
+        return net.eval()
