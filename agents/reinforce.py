@@ -14,11 +14,10 @@ and the layer caches are built first.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -27,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
+from agents.cli import parse_dataclass
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from backbones.paths import runs_dir
@@ -71,6 +71,10 @@ class Args:
     """labelled test file of the task's format, evaluated at the end"""
     run_name: str | None = None
     """name of the run folder under runs/reinforce and runs/tb (default from env, reward, alpha, seed)"""
+    out: str | None = None
+    """folder for the policy and results.json (default runs/reinforce/<run_name>)"""
+    init_policy: str | None = None
+    """start from this policy folder instead of a fresh network (co-training warm start)"""
     quiet: bool = False
     """no progress bar or final table"""
 
@@ -117,13 +121,16 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     nenv = args.batch_size * args.k
     envs = gym.make_vec(args.env, num_envs=nenv, vectorization_mode="vector_entry_point", task=None,
                         cache=train_cache, split="train", reward=args.reward, alpha=args.alpha, obs="state_layer")
-    net = LayerMLPPolicy(H, L, args.hidden, args.shared)
+    if args.init_policy:
+        net = LayerMLPPolicy.load(args.init_policy).train()
+    else:
+        net = LayerMLPPolicy(H, L, args.hidden, args.shared)
     net.set_normaliser(train_cache.states)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     policy = LearnedExit(net)
 
     name = args.run_name or f"{args.env.split('/')[-1]}-{args.reward}-a{args.alpha:g}-s{args.seed}"
-    run_dir = runs_dir() / "reinforce" / name
+    run_dir = Path(args.out) if args.out else runs_dir() / "reinforce" / name
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(runs_dir() / "tb" / "reinforce" / name))
@@ -228,29 +235,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def parse_args(argv=None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = _field_docs()
-    for f in fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=docs.get(f.name))
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=typ, default=f.default, help=f"{docs.get(f.name)} (default: {f.default})")
-    return Args(**vars(p.parse_args(argv)))
-
-
-def _field_docs() -> dict[str, str]:
-    """The docstring under each Args field (CleanRL style), for --help."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(Args))
-    body, docs = tree.body[0].body, {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = b.value.value
-    return docs
+    return parse_dataclass(Args, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,251 @@
+"""ConsistentEE's iterative training (paper steps 2-5): policy and backbone in turn.
+
+    python -m agents.cotrain --env cee/RTE-v0 --rounds 3
+    python -m agents.cotrain --env cee/RTE-v0 --launcher "accelerate launch --num_processes 2 --cpu"
+
+Round 0 starts from the stage-1 checkpoint (Eq 1). In round r:
+
+1. caches and memorized layers (Eq 7) of the current backbone,
+2. the policy trained with the backbone frozen (Eq 5, hardness reward; warm-started
+   from the previous round's policy), evaluated on dev -> this round's numbers,
+3. unless this is the last round or the run has converged: the policy frozen,
+   backbone and classifiers fine-tuned with Eq 6 (cross-entropy only at the exit
+   layer the policy picks) -> the next round's checkpoint.
+
+Stops after ``--rounds`` backbone updates, or earlier when the dev metric and the
+exit distribution change by less than ``--tol`` between rounds. Every step is
+checkpointed under runs/cotrain/<name>/; running the same command again resumes.
+At the end it writes the analysis: per-layer accuracy of the internal classifiers
+on train and dev before and after (the paper's Figure 2, PNG + JSON) and the
+paper's Table 1 (Spearman of memorized layer with final-layer loss and with
+forgetting events counted over the stage-1 epochs).
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+import cee_env  # noqa: F401
+from agents import reinforce
+from agents.cli import parse_dataclass
+from agents.evaluate import evaluate
+from agents.policies import StaticExit
+from backbones.paths import runs_dir
+from cee_env.cache import LayerCache, get_cache
+from cee_env.hardness import forgetting_events, memorized_layer, table1_correlation
+
+
+@dataclass
+class Args:
+    env: str = "cee/RTE-v0"
+    """environment id (cee/<Task>-v0)"""
+    rounds: int = 3
+    """backbone updates (Eq 6) at most; round 0 is the stage-1 backbone"""
+    tol: float = 0.005
+    """stop when the dev metric and the exit distribution (total variation) both change less than this"""
+    alpha: float = 0.02
+    """depth penalty of the hardness reward (Eq 4)"""
+    reward: str = "hardness"
+    """reward of the policy stage: hardness, vanilla or hardness_weighted"""
+    policy_epochs: int = 30
+    """REINFORCE epochs per round"""
+    backbone_epochs: int = 2
+    """Eq 6 epochs per round (the paper: 2)"""
+    backbone_lr: float = 3e-5
+    """encoder learning rate of the Eq 6 stage (the paper: 3e-5)"""
+    head_lr: float = 3e-4
+    """internal classifiers' learning rate of the Eq 6 stage"""
+    launcher: str = ""
+    """run the backbone stage as a subprocess under this launcher, e.g. 'accelerate launch --num_processes 2 --cpu'"""
+    checkpoint: str | None = None
+    """stage-1 checkpoint to start from (default: the task's default, trained if missing)"""
+    data_dir: str | None = None
+    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
+    seed: int = 0
+    """random seed"""
+    name: str | None = None
+    """run folder name under runs/cotrain (default <Task>-a<alpha>-s<seed>)"""
+
+
+def task_of(env_id: str) -> str:
+    return gym.spec(env_id).kwargs["task"]
+
+
+def caches_for(task: str, ckpt: Path, data_dir: str | None) -> dict[str, LayerCache]:
+    return {s: get_cache(task=task, split=s, checkpoint=ckpt, data_dir=data_dir) for s in ("train", "dev")}
+
+
+def layer_accuracy(cache: LayerCache) -> list[float]:
+    return (cache.preds == np.asarray(cache.labels)[:, None]).mean(0).tolist()
+
+
+def exit_tv(h1: list[int], h2: list[int]) -> float:
+    """Total-variation distance between two exit histograms."""
+    a, b = np.asarray(h1, float), np.asarray(h2, float)
+    return 0.5 * float(np.abs(a / a.sum() - b / b.sum()).sum())
+
+
+def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Path) -> Path:
+    """Eq 6 with the policy frozen; in-process, or under ``--launcher`` (DDP)."""
+    from backbones.train import TrainConfig, is_complete, train
+
+    if is_complete(out):
+        return out
+    cfg = TrainConfig(task=task, init_from=str(init), objective="exit", exit_policy=str(policy_dir),
+                      epochs=args.backbone_epochs, lr=args.backbone_lr, head_lr=args.head_lr, warmup=0.0,
+                      seed=args.seed, data_dir=args.data_dir, out=str(out))
+    if not args.launcher:
+        return train(cfg)
+    cmd = [*shlex.split(args.launcher), "-m", "backbones.train"]
+    for k, v in asdict(cfg).items():
+        if v is not None:
+            cmd += ["--" + k.replace("_", "-"), str(v)]
+    print("running:", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def run(args: Args) -> dict:
+    task = task_of(args.env)
+    from backbones.train import ensure_checkpoint
+
+    stage1 = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(task, data_dir=args.data_dir, seed=args.seed)
+    root = runs_dir() / "cotrain" / (args.name or f"{task}-a{args.alpha:g}-s{args.seed}")
+    root.mkdir(parents=True, exist_ok=True)
+    state_file = root / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"rounds": []}
+    if state["rounds"]:
+        print(f"resuming {root} after round {len(state['rounds']) - 1}")
+    (root / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    t0 = time.time()
+    ckpt, prev_policy = stage1, None
+    for r in range(args.rounds + 1):
+        rdir = root / f"round-{r}"
+        if r < len(state["rounds"]):  # finished earlier
+            rec = state["rounds"][r]
+            ckpt, prev_policy = Path(rec["checkpoint"]), Path(rec["policy"])
+            if rec.get("next_checkpoint"):
+                ckpt = Path(rec["next_checkpoint"])
+                continue
+            if rec.get("stop"):
+                break
+        else:
+            caches = caches_for(task, ckpt, args.data_dir)
+            print(f"\n== round {r}: policy on {ckpt.name} (memorized layers: "
+                  f"{np.bincount(memorized_layer(caches['train'].preds, caches['train'].labels), minlength=caches['train'].num_layers + 1)[1:].tolist()})")
+            out = reinforce.train(reinforce.Args(
+                env=args.env, reward=args.reward, alpha=args.alpha, epochs=args.policy_epochs, seed=args.seed,
+                run_name=f"cotrain-{root.name}-r{r}", out=str(rdir / "policy"),
+                init_policy=str(prev_policy) if prev_policy else None, quiet=True), caches)
+            dev = out["results"]["dev"]
+            pol = evaluate(out["policy"], caches["dev"])
+            rec = {"round": r, "checkpoint": str(ckpt), "policy": str(rdir / "policy"),
+                   "dev": pol.to_dict(), "dev_full_depth": dev[StaticExit(caches["dev"].num_layers).name],
+                   "layer_accuracy": {s: layer_accuracy(c) for s, c in caches.items()}}
+            print("  " + pol.line() + "   full depth " + f"{100 * rec['dev_full_depth']['metric']:.1f}")
+            if state["rounds"]:
+                last = state["rounds"][-1]["dev"]
+                d_metric = abs(pol.metric - last["metric"])
+                d_exit = exit_tv(pol.exit_hist, last["exit_hist"])
+                rec["change"] = {"metric": d_metric, "exit_tv": d_exit}
+                rec["stop"] = d_metric < args.tol and d_exit < args.tol
+            state["rounds"].append(rec)
+            _save(state_file, state)
+            prev_policy = rdir / "policy"
+            if rec.get("stop"):
+                print(f"  converged (change in metric {rec['change']['metric']:.4f}, exits {rec['change']['exit_tv']:.4f})")
+                break
+        if r == args.rounds:
+            break
+        print(f"== round {r}: backbone Eq 6 with the policy frozen -> round {r + 1}")
+        nxt = backbone_stage(args, task, ckpt, rdir / "policy", rdir / "backbone")
+        state["rounds"][r]["next_checkpoint"] = str(nxt)
+        _save(state_file, state)
+        ckpt = nxt
+    summary = analyse(root, state, stage1, task, args)
+    summary["wall_time_s"] = round(time.time() - t0, 1)
+    _save(root / "summary.json", summary)
+    print_summary(summary, root)
+    return summary
+
+
+def analyse(root: Path, state: dict, stage1: Path, task: str, args: Args) -> dict:
+    """Figure 2 (per-layer accuracy before/after) and Table 1 (hardness correlations)."""
+    first, last = state["rounds"][0], state["rounds"][-1]
+    fig2 = {"before": first["layer_accuracy"], "after": last["layer_accuracy"],
+            "before_checkpoint": first["checkpoint"], "after_checkpoint": last["checkpoint"]}
+    tr = get_cache(task=task, split="train", checkpoint=stage1, data_dir=args.data_dir)
+    labels = np.asarray(tr.labels)
+    mem = memorized_layer(tr.preds, labels)
+    loss = -np.asarray(tr.log_probs[np.arange(tr.num_instances), -1, labels], dtype=np.float64)
+    forget = None
+    hist_file = stage1 / "train_correct.npy"
+    if hist_file.is_file():
+        hist = np.load(hist_file)[:, :, -1]  # [epochs, N] correctness of the last layer per presentation
+        if hist.shape[1] == tr.num_instances:
+            forget = forgetting_events(hist.astype(bool))
+    table1 = table1_correlation(mem, loss, forget)
+    table1["forgetting_presentations"] = int(np.load(hist_file).shape[0]) if hist_file.is_file() else 0
+    _plot_fig2(fig2, root / "figure2_layer_accuracy.png", task)
+    return {"task": task, "rounds": [{"round": r["round"], "metric": r["dev"]["metric"],
+                                      "saved_layers": r["dev"]["saved_layers"], "avg_exit_layer": r["dev"]["avg_exit_layer"],
+                                      "full_depth": r["dev_full_depth"]["metric"], "exit_hist": r["dev"]["exit_hist"]}
+                                     for r in state["rounds"]],
+            "figure2": fig2, "table1": table1}
+
+
+def _plot_fig2(fig2: dict, path: Path, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for ax, split in zip(axes, ("train", "dev")):
+        for key, style in (("before", "o--"), ("after", "s-")):
+            acc = fig2[key][split]
+            ax.plot(range(1, len(acc) + 1), [100 * a for a in acc], style,
+                    label="Eq 1 (stage 1)" if key == "before" else "ConsistentEE (co-trained)")
+        ax.set_title(f"{task} {split}")
+        ax.set_xlabel("internal classifier (layer)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy on all instances (%)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_summary(s: dict, root: Path) -> None:
+    print(f"\n{s['task']} co-training (dev):")
+    print("round  metric  full-depth  avg exit  saved")
+    for r in s["rounds"]:
+        print(f"{r['round']:>5}  {100 * r['metric']:6.1f}  {100 * r['full_depth']:10.1f}  {r['avg_exit_layer']:8.2f}  "
+              f"{100 * r['saved_layers']:5.1f}%")
+    t = s["table1"]
+    print(f"Table 1 (train, stage-1 backbone, n={t['n']}): Spearman(memorized layer, final-layer loss) = {t['rho_loss']:.3f}"
+          + (f", Spearman(memorized layer, forgetting events over {t['forgetting_presentations']} epochs) = "
+             f"{t['rho_forgetting']:.3f}" if "rho_forgetting" in t else ""))
+    print(f"Figure 2: {root / 'figure2_layer_accuracy.png'}\nsummary: {root / 'summary.json'}")
+
+
+def _save(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def parse_args(argv=None) -> Args:
+    return parse_dataclass(Args, argv, __doc__)
+
+
+if __name__ == "__main__":
+    run(parse_args(sys.argv[1:]))
