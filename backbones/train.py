@@ -2,7 +2,8 @@
 
     python -m backbones.train --task RTE
     python -m backbones.train --task MRPC --objective last
-    accelerate launch --num_processes 2 -m backbones.train --task RTE     # DDP, unchanged
+    accelerate launch --multi_gpu --num_processes 2 -m backbones.train --task RTE   # DDP, unchanged
+    (on a CPU-only machine: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...)
 
 Writes a checkpoint (safetensors + JSON) under runs/stage1/<name>/, TensorBoard
 scalars under runs/tb/stage1/<name>/, per-layer dev metrics to metrics.json, and
@@ -176,6 +177,7 @@ def train(cfg: TrainConfig) -> Path:
             tmp = state_dir / "progress.json.tmp"
             tmp.write_text(json.dumps({"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}))
             os.replace(tmp, state_dir / "progress.json")
+        acc.wait_for_everyone()  # no rank runs ahead (and may crash, killing the main one) mid-save
 
     t0 = time.time()
     step = progress["global_step"]

@@ -72,7 +72,7 @@ class LayerCache:
 
 
 # --------------------------------------------------------------------------- building and loading
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ARRAYS = ("states", "log_probs", "labels")
 
 
@@ -100,8 +100,13 @@ def fingerprint(checkpoint: Path, task: str, split: str, data_file: str, max_len
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _checksum(a: np.ndarray) -> float:
-    return float(np.asarray(a, dtype=np.float64).sum())
+def _checksum(a: np.ndarray) -> str:
+    """sha256 of the array's bytes (catches any change, including swapped rows)."""
+    h = hashlib.sha256()
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    for i in range(0, flat.size, 1 << 26):
+        h.update(flat[i:i + (1 << 26)])
+    return h.hexdigest()
 
 
 def save_cache(cache: LayerCache, folder: Path) -> None:
@@ -144,7 +149,7 @@ def load_cache(folder: Path, expect_fingerprint: str | None = None, verify_state
             raise CacheError(f"{folder}/{name}.npy unreadable: {e}") from e
         if list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
             raise CacheError(f"{folder}/{name}.npy is {arr.shape} {arr.dtype}, meta says {want['shape']} {want['dtype']}")
-        if (name != "states" or verify_states) and not np.isclose(_checksum(arr), want["checksum"], rtol=1e-9, atol=1e-6):
+        if (name != "states" or verify_states) and _checksum(arr) != want["checksum"]:
             raise CacheError(f"{folder}/{name}.npy checksum mismatch (corrupt)")
         arrays[name] = arr
     return LayerCache(**arrays, task=meta["task"], split=meta["split"], label_names=tuple(meta["label_names"]),
@@ -220,6 +225,6 @@ def _split_file_id(spec, split: str, data_dir: str | None) -> str:
     rel = spec.splits.get(split)
     if rel is None:
         return "none"
-    p = resolve_dir(data_dir) / rel
+    p = Path(rel) if Path(rel).is_absolute() else resolve_dir(data_dir) / rel  # user tasks hold absolute paths
     st = p.stat() if p.exists() else None
     return f"{p}:{st.st_size}:{int(st.st_mtime)}" if st else str(p)

@@ -1,0 +1,123 @@
+"""Stage-1 training under DDP: 2 CPU processes started by ``accelerate launch`` (subprocesses, tiny model).
+
+How to get 2 CPU processes from accelerate 1.15: ``--cpu`` alone picks the *simple* launcher, which
+starts ONE process whatever ``--num_processes`` says (it only spreads over processes with
+``--mpirun_hostfile``). The torchrun-based launcher (``--multi_gpu``) with ``ACCELERATE_USE_CPU=true``
+in the environment starts 2 processes that join a gloo process group on the CPU::
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no -m backbones.train --task RTE ...
+
+In-process user tasks do not exist in the subprocesses, so the tiny task is written in GLUE RTE's
+format and passed with ``--task RTE --train-file ... --dev-file ...``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backbones.paths import REPO_ROOT
+
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+pytestmark = pytest.mark.skipif(not ACCELERATE.is_file(), reason="accelerate CLI not installed beside python")
+
+# A wrapper that crashes on the k-th training step (both ranks at the same step, so neither hangs in
+# a collective), to test resuming under DDP.
+CRASHING_TRAIN = """
+import os, sys
+import backbones.train as tr
+crash_at, real, calls = int(os.environ["CEE_TEST_CRASH_AT"]), tr.weighted_exit_loss, []
+def loss(*a, **k):
+    calls.append(1)
+    if len(calls) == crash_at:
+        raise RuntimeError(f"simulated crash at step {crash_at}")
+    return real(*a, **k)
+tr.weighted_exit_loss = loss
+tr.main(sys.argv[1:])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path: Path, target: list[str], train_args: list[str], extra_env: dict | None = None):
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "CEE_RUNS_DIR": str(tmp_path / "runs"),
+        "CEE_DATA_DIR": str(tmp_path),  # never read: every split comes from a file path
+        "HF_HOME": str(tmp_path / "hf"),  # no user accelerate config file can change the launch
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        **(extra_env or {}),
+    }
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           *target, *train_args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def train_args(files, model_dir, out, *more) -> list[str]:
+    return ["--task", "RTE", "--train-file", str(files["train"]), "--dev-file", str(files["dev"]),
+            "--model", str(model_dir), "--out", str(out), "--epochs", "2", "--batch-size", "8",
+            "--lr", "3e-3", "--head-lr", "1e-2", "--max-length", "32", *more]
+
+
+def check_complete(out: Path, n_train: int = 60, n_dev: int = 30, epochs: int = 2) -> dict:
+    for name in ("model.safetensors", "multiexit.json", "metrics.json", "train_correct.npy", "train_config.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "state").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "RTE" and metrics["num_layers"] == 2
+    assert metrics["dev"]["n"] == n_dev and len(metrics["dev"]["layer_metric"]) == 2
+    correct = np.load(out / "train_correct.npy")
+    assert correct.shape == (epochs, n_train, 2)
+    assert (correct >= 0).all(), "train_correct misses instances seen by the other process"
+    from backbones.multiexit import MultiExitEncoder
+
+    assert MultiExitEncoder.load(out).num_layers == 2
+    return metrics
+
+
+def test_ddp_two_cpu_processes(tmp_path, tiny_rte_files, tiny_encoder_dir):
+    out = tmp_path / "ddp"
+    r = launch(tmp_path, ["-m", "backbones.train"], train_args(tiny_rte_files, tiny_encoder_dir, out))
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    # 60 instances / (2 processes x 8) -> 4 steps per epoch; printed once, by the main process
+    assert log.count("2 epochs x 4 steps on 2 process(es)") == 1, log[-4000:]
+    check_complete(out)
+    assert (tmp_path / "runs" / "tb" / "stage1" / "ddp").is_dir()
+
+
+@pytest.mark.slow  # two more launches (~15-40 s on a busy 2-core machine)
+def test_ddp_resume_after_crash(tmp_path, tiny_rte_files, tiny_encoder_dir):
+    """2 epochs x 4 steps, save_every=2: crash at step 7 -> last save at step 6 (epoch 2, batch 2)."""
+    out = tmp_path / "ddp"
+    script = tmp_path / "crashing_train.py"
+    script.write_text(CRASHING_TRAIN)
+    args = train_args(tiny_rte_files, tiny_encoder_dir, out, "--save-every", "2")
+    r = launch(tmp_path, [str(script)], args, {"CEE_TEST_CRASH_AT": "7"})
+    assert r.returncode != 0 and "simulated crash at step 7" in r.stdout + r.stderr, (r.stdout + r.stderr)[-4000:]
+    assert not (out / "metrics.json").exists()
+    progress = json.loads((out / "state" / "progress.json").read_text())
+    assert progress == {"epoch": 1, "step_in_epoch": 2, "global_step": 6}
+    partial = np.load(out / "state" / "train_correct.npy")
+    assert (partial[0] >= 0).all() and (partial[1] >= 0).sum() == 2 * 16 * 2  # 2 steps x 2 processes x 8
+
+    r = launch(tmp_path, ["-m", "backbones.train"], args)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert log.count("resuming ddp at epoch 2, step 2") == 1, log[-4000:]
+    check_complete(out)
