@@ -35,7 +35,7 @@ import numpy as np
 
 import cee_env  # noqa: F401
 from agents import reinforce
-from agents.cli import parse_dataclass
+from agents.common import parse_dataclass_args, write_json
 from agents.evaluate import evaluate
 from agents.policies import StaticExit
 from backbones.paths import runs_dir
@@ -158,7 +158,7 @@ def run(args: Args) -> dict:
                 rec["change"] = {"metric": d_metric, "exit_tv": d_exit}
                 rec["stop"] = d_metric < args.tol and d_exit < args.tol
             state["rounds"].append(rec)
-            _save(state_file, state)
+            write_json(state_file, state)
             prev_policy = rdir / "policy"
             if rec.get("stop"):
                 print(f"  converged (change in metric {rec['change']['metric']:.4f}, exits {rec['change']['exit_tv']:.4f})")
@@ -168,11 +168,11 @@ def run(args: Args) -> dict:
         print(f"== round {r}: backbone Eq 6 with the policy frozen -> round {r + 1}")
         nxt = backbone_stage(args, task, ckpt, rdir / "policy", rdir / "backbone")
         state["rounds"][r]["next_checkpoint"] = str(nxt)
-        _save(state_file, state)
+        write_json(state_file, state)
         ckpt = nxt
     summary = analyse(root, state, stage1, task, args)
     summary["wall_time_s"] = round(time.time() - t0, 1)
-    _save(root / "summary.json", summary)
+    write_json(root / "summary.json", summary)
     print_summary(summary, root)
     return summary
 
@@ -237,14 +237,8 @@ def print_summary(s: dict, root: Path) -> None:
     print(f"Figure 2: {root / 'figure2_layer_accuracy.png'}\nsummary: {root / 'summary.json'}")
 
 
-def _save(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 def parse_args(argv=None) -> Args:
-    return parse_dataclass(Args, argv, __doc__)
+    return parse_dataclass_args(Args, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ and the layer caches are built first.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.cli import parse_dataclass
+from agents.common import parse_dataclass_args, write_json
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from backbones.paths import runs_dir
@@ -138,7 +137,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
 
     updates_per_epoch = int(np.ceil(n / args.batch_size))
     total = updates_per_epoch * args.epochs
-    t0, update, curve = time.time(), 0, []
+    t0, update, steps, curve = time.time(), 0, 0, []
     bar = tqdm(total=total, desc=f"REINFORCE {name}", disable=args.quiet)
     for epoch in range(args.epochs):
         order = rng.permutation(n)
@@ -172,6 +171,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
             loss.backward()
             opt.step()
             update += 1
+            steps += int(alv.sum())
             with torch.no_grad():
                 pr = torch.sigmoid(logits)
                 ent = -(pr * torch.log(pr + 1e-8) + (1 - pr) * torch.log(1 - pr + 1e-8))
@@ -182,7 +182,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
             writer.add_scalar("charts/policy_entropy", ent, update)
             writer.add_scalar("charts/epsilon", eps, update)
             writer.add_scalar("losses/policy_loss", loss.item(), update)
-            curve.append((update * nenv, float(returns.mean())))
+            curve.append((steps, float(returns.mean())))
             bar.update()
             bar.set_postfix(reward=f"{returns.mean():.3f}", exit=f"{exit_layer.mean():.2f}", eps=f"{eps:.2f}")
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -191,7 +191,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     bar.close()
     envs.close()
 
-    results = {"args": asdict(args), "train_seconds": round(time.time() - t0, 1), "env_steps": int(update * nenv),
+    results = {"args": asdict(args), "train_seconds": round(time.time() - t0, 1), "env_steps": steps, "updates": update,
                "reward_curve": curve[:: max(1, len(curve) // 200)]}
     for split, cache in caches.items():
         if split == "train" or not cache.has_labels:
@@ -202,7 +202,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     writer.close()
     net.save(run_dir, extra={"task": train_cache.task, "checkpoint": train_cache.meta.get("checkpoint"),
                              "env": args.env, "reward": args.reward, "alpha": args.alpha})
-    _write_json(run_dir / "results.json", results)
+    write_json(run_dir / "results.json", results)
     if not args.quiet:
         print_summary(results, run_dir)
     return {"policy": policy, "results": results, "run_dir": run_dir}
@@ -227,15 +227,8 @@ def print_summary(results: dict, run_dir: Path) -> None:
     print(f"\npolicy and results.json: {run_dir}\nTensorBoard: tensorboard --logdir {runs_dir() / 'tb'}")
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None) -> Args:
-    return parse_dataclass(Args, argv, __doc__)
+    return parse_dataclass_args(Args, argv, __doc__)
 
 
 if __name__ == "__main__":

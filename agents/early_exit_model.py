@@ -1,0 +1,292 @@
+"""An early-exit classifier that really skips layers: a multi-exit backbone plus an exit policy.
+
+    clf = EarlyExitClassifier.from_run("runs/reinforce/<run>")         # backbone named in the run's JSON
+    clf = EarlyExitClassifier.from_checkpoint(ckpt_dir, StaticExit(3))  # any ExitPolicy / heuristic rule
+    res = clf.predict(["A man sleeps."], ["Nobody sleeps."], batch_size=32)
+    res.labels, res.label_ids, res.probs, res.exit_layers                 # names, ids, [N, C], 1-based
+
+The transformer runs one layer at a time. After layer l the internal classifier
+reads the pooled state, and the policy is asked :meth:`ExitPolicy.exit_at_layer`
+with the batch's states and log-probabilities of layers 1..l -- the very question
+the evaluator asks over a cached split, so the decisions are the same. Instances
+that exit leave the batch: their rows are dropped from the token states, the
+attention mask and the layer mask (and padding columns beyond the longest
+remaining instance are cut), and the batch ends when its last instance exits.
+The last layer always exits.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from agents.policies import ExitPolicy, LayerMLPPolicy, LearnedExit
+
+__all__ = ["PredictResult", "EarlyExitClassifier", "full_depth_logits", "resolve_policy_checkpoint"]
+
+
+@dataclass
+class PredictResult:
+    """Predictions of an early-exit run, in input order."""
+
+    label_ids: np.ndarray  # int64 [N]
+    labels: list[str]  # label names [N] (the id as a string when the checkpoint has no names)
+    probs: np.ndarray  # float32 [N, C]: softmax of the exit layer's internal classifier
+    exit_layers: np.ndarray  # int64 [N], 1-based
+    log_probs: np.ndarray  # float32 [N, C]: log-softmax at the exit layer (as in the layer cache)
+    num_layers: int
+    label_names: tuple[str, ...] = ()
+    layer_calls: int = 0  # transformer layer calls made (one per batch and layer reached)
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.label_ids)
+
+    @property
+    def avg_exit_layer(self) -> float:
+        return float(self.exit_layers.mean()) if len(self) else float("nan")
+
+    @property
+    def saved_layers(self) -> float:
+        """1 - average exit layer / L (the evaluator's definition)."""
+        return 1.0 - self.avg_exit_layer / self.num_layers
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """float32 [N]: probability of the predicted label."""
+        return self.probs[np.arange(len(self)), self.label_ids]
+
+    def to_tsv(self, gold: Sequence[int] | None = None) -> str:
+        """``index, label, exit_layer, probability`` (+ ``gold`` if given), one line per instance, with a header."""
+        head = ["index", "label", "exit_layer", "probability"] + (["gold"] if gold is not None else [])
+        lines = ["\t".join(head)]
+        conf = self.confidence
+        for i in range(len(self)):
+            row = [str(i), self.labels[i], str(int(self.exit_layers[i])), f"{float(conf[i]):.6f}"]
+            if gold is not None:
+                g = int(gold[i])
+                row.append(self.label_names[g] if 0 <= g < len(self.label_names) else str(g))
+            lines.append("\t".join(row))
+        return "\n".join(lines) + "\n"
+
+
+class EarlyExitClassifier:
+    """A multi-exit encoder (:class:`backbones.multiexit.MultiExitEncoder`), its tokenizer and an exit policy.
+
+    ``policy`` is any :class:`agents.policies.ExitPolicy` (learned, static, heuristic): only
+    ``exit_at_layer`` and ``needs_states`` are used. ``trim_padding`` cuts padding columns
+    no remaining instance needs after instances leave a batch (exact up to float rounding).
+    """
+
+    def __init__(self, model, tokenizer, policy: ExitPolicy, trim_padding: bool = True) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.trim_padding = trim_padding
+        self.checkpoint: Path | None = None  # set by from_checkpoint / from_run
+        self.num_layers = model.num_layers
+        self.max_length = model.config.max_length
+        names = tuple(model.config.label_names)
+        self.label_names = names if names else tuple(str(i) for i in range(model.config.num_labels))
+        net = getattr(policy, "net", None)
+        if isinstance(net, LayerMLPPolicy):
+            hidden = model.encoder.config.hidden_size
+            if net.num_layers != self.num_layers or net.state_dim != hidden:
+                raise ValueError(
+                    f"policy expects {net.num_layers} layers with states of size {net.state_dim}; "
+                    f"the backbone has {self.num_layers} layers of size {hidden}"
+                )
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, policy: ExitPolicy, **kw) -> "EarlyExitClassifier":
+        """A stage-1 (or co-trained) checkpoint directory and any exit policy."""
+        from backbones.multiexit import MultiExitEncoder, load_tokenizer
+
+        ckpt = Path(checkpoint)
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
+        clf = cls(MultiExitEncoder.load(ckpt), load_tokenizer(ckpt), policy, **kw)
+        clf.checkpoint = ckpt
+        return clf
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                 threshold: float | None = None, **kw) -> "EarlyExitClassifier":
+        """A trained policy run and its backbone.
+
+        Runs of ``agents.reinforce`` (``policy.safetensors`` + ``policy.json``: a
+        :class:`LearnedExit`, exit when pi > ``threshold``, default policy.json's
+        ``threshold`` or 0.5, the paper's rule) and of ``agents.sb3``
+        (``model.zip`` + ``sb3_policy.json``: an ``SB3Exit``) are understood. The
+        backbone is ``checkpoint`` if given, else the ``checkpoint`` key of the run's
+        JSON, else the default stage-1 checkpoint of its ``task`` key.
+        """
+        run = Path(run_dir)
+        if not run.is_dir():
+            raise FileNotFoundError(f"policy run directory not found: {run}")
+        if (run / "policy.json").is_file() or not (run / "sb3_policy.json").is_file():
+            for f in ("policy.json", "policy.safetensors"):
+                if not (run / f).is_file():
+                    raise FileNotFoundError(f"{run} is not a policy run: {f} is missing "
+                                            "(or sb3_policy.json + model.zip for an SB3 run)")
+            meta = json.loads((run / "policy.json").read_text())
+            thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
+            policy = LearnedExit(LayerMLPPolicy.load(run), thr, name=str(meta.get("name", "consistentee")))
+        else:
+            if threshold is not None:
+                raise ValueError("threshold applies to LayerMLPPolicy runs (policy.json), not to SB3 runs")
+            from agents.sb3 import SB3Exit
+
+            meta = json.loads((run / "sb3_policy.json").read_text())
+            policy = SB3Exit.load(run)
+        ckpt = Path(checkpoint) if checkpoint is not None else resolve_policy_checkpoint(run, meta)
+        return cls.from_checkpoint(ckpt, policy, **kw)
+
+    # ------------------------------------------------------------------ inference
+    def tokenize(self, texts: Sequence[str], texts_b: Sequence[str] | None = None) -> list[dict]:
+        """Token ids per instance, exactly as :class:`backbones.data.Encoded` makes them
+        (pairs only if some second text is non-empty; truncation to the checkpoint's max length)."""
+        texts = [str(t) for t in texts]
+        if texts_b is not None:
+            texts_b = ["" if t is None else str(t) for t in texts_b]
+            if len(texts_b) != len(texts):
+                raise ValueError(f"texts_b has {len(texts_b)} entries, texts has {len(texts)}")
+            if not any(texts_b):
+                texts_b = None
+        if not texts:
+            return []
+        enc = self.tokenizer(texts, texts_b, truncation=True, max_length=self.max_length)
+        return [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts))]
+
+    def batches(self, features: list[dict], batch_size: int = 32, sort_by_length: bool = False):
+        """Yield ``(indices, padded inputs)``; ``sort_by_length`` groups similar lengths (less padding)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = np.arange(len(features))
+        if sort_by_length:
+            order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            batch = self.tokenizer.pad([dict(features[i]) for i in idx], return_tensors="pt")
+            yield idx, {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+    def predict(self, texts: Sequence[str], texts_b: Sequence[str] | None = None, batch_size: int = 32,
+                sort_by_length: bool = False) -> PredictResult:
+        """Classify raw texts (or pairs), each instance stopping at its exit layer.
+
+        Batches follow the input order unless ``sort_by_length`` (results are always
+        returned in input order).
+        """
+        feats = self.tokenize(texts, texts_b)
+        n, c = len(feats), len(self.label_names)
+        ids = np.zeros(n, dtype=np.int64)
+        logps = np.zeros((n, c), dtype=np.float32)
+        exits = np.zeros(n, dtype=np.int64)
+        calls = 0
+        for idx, inputs in self.batches(feats, batch_size, sort_by_length):
+            logp, ex, k = self.classify_batch(**inputs)
+            logps[idx] = logp
+            ids[idx] = logp.argmax(-1)
+            exits[idx] = ex
+            calls += k
+        return PredictResult(
+            label_ids=ids, labels=[self.label_names[i] for i in ids], probs=np.exp(logps), exit_layers=exits,
+            log_probs=logps,
+            num_layers=self.num_layers, label_names=self.label_names, layer_calls=calls,
+            stats={"batch_size": batch_size, "policy": getattr(self.policy, "name", type(self.policy).__name__)},
+        )
+
+    @torch.inference_mode()
+    def classify_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       token_type_ids: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """One padded batch: log-probs at the exit layer [B, C], exit layers [B] (1-based), layer calls made."""
+        model, policy, L = self.model, self.policy, self.num_layers
+        needs_states = getattr(policy, "needs_states", True)
+        b = input_ids.shape[0]
+        hidden, lmask = model.embed(input_ids, attention_mask, token_type_ids)
+        mask = attention_mask
+        rows = torch.arange(b)  # original row of each row still in the batch
+        out_logp = torch.empty(b, len(self.label_names))
+        out_exit = torch.empty(b, dtype=torch.long)
+        hist_logp = torch.empty(b, L, len(self.label_names))  # history of the rows still in the batch
+        hist_states = torch.empty(b, L, hidden.shape[-1]) if needs_states else None
+        for l in range(L):
+            hidden = model.run_layer(l, hidden, lmask)
+            pooled = model.pool(hidden, mask)
+            logp = torch.log_softmax(model.classify(l, pooled).float(), -1)
+            if l == L - 1:
+                out_logp[rows], out_exit[rows] = logp, L
+                return out_logp.numpy(), out_exit.numpy(), L
+            hist_logp[:, l] = logp
+            if needs_states:
+                hist_states[:, l] = pooled.float()
+            st = hist_states[:, : l + 1].numpy() if needs_states else None
+            ex = np.asarray(policy.exit_at_layer(l, st, hist_logp[:, : l + 1].numpy()), dtype=bool)
+            if ex.shape != (rows.shape[0],):
+                raise ValueError(f"policy {policy!r} returned exit decisions of shape {ex.shape}, "
+                                 f"expected ({rows.shape[0]},)")
+            if not ex.any():
+                continue
+            ex_t = torch.from_numpy(ex)
+            out_logp[rows[ex_t]], out_exit[rows[ex_t]] = logp[ex_t], l + 1
+            if ex.all():
+                return out_logp.numpy(), out_exit.numpy(), l + 1
+            keep = torch.from_numpy(np.flatnonzero(~ex))
+            rows, hidden, mask, hist_logp = rows[keep], hidden[keep], mask[keep], hist_logp[keep]
+            if needs_states:
+                hist_states = hist_states[keep]
+            if self.trim_padding:
+                cols = torch.nonzero(mask.any(0)).squeeze(1)
+                lo, hi = int(cols[0]), int(cols[-1]) + 1
+                if hi - lo < mask.shape[1]:
+                    hidden, mask = hidden[:, lo:hi], mask[:, lo:hi]
+            lmask = model.layer_mask(hidden, mask)
+        raise AssertionError("unreachable: the last layer always exits")
+
+
+@torch.inference_mode()
+def full_depth_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None = None, plain_forward: bool = False) -> torch.Tensor:
+    """The full-depth model: all L layers, then the last internal classifier only -> logits [B, C].
+
+    ``plain_forward`` runs the encoder's own forward (Hugging Face ``model.encoder(...)``)
+    instead of the layer-by-layer loop the early-exit classifier uses.
+    """
+    if plain_forward:
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = model.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+    else:
+        hidden, lmask = model.embed(input_ids, attention_mask, token_type_ids)
+        for l in range(model.num_layers):
+            hidden = model.run_layer(l, hidden, lmask)
+    return model.classify(model.num_layers - 1, model.pool(hidden, attention_mask))
+
+
+def resolve_policy_checkpoint(run: Path, meta: dict) -> Path:
+    """The backbone a policy run was trained on: its JSON's ``checkpoint``, else its task's default."""
+    from backbones.paths import REPO_ROOT
+
+    ck = meta.get("checkpoint")
+    if ck:
+        p = Path(ck).expanduser()
+        for cand in ([p] if p.is_absolute() else [Path.cwd() / p, run / p, REPO_ROOT / p]):
+            if cand.is_dir():
+                return cand
+        raise FileNotFoundError(f"{run} names checkpoint {ck!r}, which does not exist; "
+                                "pass the backbone explicitly (checkpoint=... / --checkpoint)")
+    if meta.get("task"):
+        from backbones.train import TrainConfig, checkpoint_dir, is_complete
+
+        p = checkpoint_dir(TrainConfig(task=meta["task"]).resolved())
+        if is_complete(p):
+            return p
+        raise FileNotFoundError(f"{run} names no checkpoint and the default {meta['task']} "
+                                f"checkpoint {p} is not trained; pass checkpoint=... / --checkpoint")
+    raise FileNotFoundError(f"{run}'s JSON names neither a checkpoint nor a task; "
+                            "pass the backbone explicitly (checkpoint=... / --checkpoint)")
