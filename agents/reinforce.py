@@ -28,6 +28,7 @@ import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents.common import parse_dataclass_args, write_json
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
+from backbones.policy_net import policy_inputs
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
 
@@ -52,6 +53,8 @@ class Args:
     """hidden units of each layer's policy MLP"""
     shared: bool = False
     """one MLP for all layers with a layer embedding, instead of one per layer"""
+    features: str = "state"
+    """what the policy reads: state (s_l, the paper) or state_probs (s_l and the layer's class probabilities)"""
     exploration: str = "sample"
     """sample: actions ~ Bernoulli(pi) plus epsilon-random; greedy: pi > 0.5 plus epsilon-random (authors' code)"""
     eps_start: float = 0.2
@@ -74,6 +77,8 @@ class Args:
     """folder for the policy and results.json (default runs/reinforce/<run_name>)"""
     init_policy: str | None = None
     """start from this policy folder instead of a fresh network (co-training warm start)"""
+    torch_threads: int = 1
+    """torch threads for the policy (its matrices are small: more threads only add overhead)"""
     quiet: bool = False
     """no progress bar or final table"""
 
@@ -114,17 +119,18 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         raise ValueError("--exploration must be 'sample' or 'greedy'")
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.torch_threads)
     caches = caches or make_caches(args)
     train_cache, dev_cache = caches["train"], caches["dev"]
-    n, L, H = train_cache.num_instances, train_cache.num_layers, train_cache.hidden_size
+    n, L = train_cache.num_instances, train_cache.num_layers
     nenv = args.batch_size * args.k
     envs = gym.make_vec(args.env, num_envs=nenv, vectorization_mode="vector_entry_point", task=None,
-                        cache=train_cache, split="train", reward=args.reward, alpha=args.alpha, obs="state_layer")
+                        cache=train_cache, split="train", reward=args.reward, alpha=args.alpha, obs="state" if args.features == "state" else "state_probs")
     if args.init_policy:
         net = LayerMLPPolicy.load(args.init_policy).train()
     else:
-        net = LayerMLPPolicy(H, L, args.hidden, args.shared)
-    net.set_normaliser(train_cache.states)
+        net = LayerMLPPolicy(envs.single_observation_space.shape[0], L, args.hidden, args.shared, args.features)
+    net.set_normaliser(policy_inputs(np.asarray(train_cache.states), np.asarray(train_cache.log_probs), args.features))
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     policy = LearnedExit(net)
 
@@ -145,20 +151,20 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
             ids = order[b * args.batch_size:(b + 1) * args.batch_size]
             ids = np.concatenate([ids, rng.integers(0, n, args.batch_size - len(ids))])  # fill the last batch
             eps = args.eps_start + (args.eps_end - args.eps_start) * update / max(1, total - 1)
-            obs, _ = envs.reset(options={"indices": np.repeat(ids, args.k)})
+            obs, info = envs.reset(options={"indices": np.repeat(ids, args.k)})
             alive = np.ones(nenv, dtype=bool)
             returns = np.zeros(nenv)
             obs_t, layer_t, act_t, alive_t = [], [], [], []
             while alive.any():
-                s = torch.as_tensor(obs[:, :H])
-                layer = torch.as_tensor(obs[:, H:].argmax(1))
+                s = torch.as_tensor(obs)
+                layer = torch.as_tensor(info["layer"] - 1)
                 with torch.no_grad():
                     p = torch.sigmoid(net.logits(s, layer)).numpy()
                 a = (rng.random(nenv) < p) if args.exploration == "sample" else (p > 0.5)
                 explore = rng.random(nenv) < eps
                 a = np.where(explore, rng.random(nenv) < 0.5, a).astype(np.int64)
                 obs_t.append(s), layer_t.append(layer), act_t.append(a), alive_t.append(alive.copy())
-                obs, r, term, trunc, _ = envs.step(a)
+                obs, r, term, trunc, info = envs.step(a)
                 returns[alive] = r[alive]
                 alive &= ~(term | trunc)
             # Recompute log pi(tau) with gradients (Eq 5).

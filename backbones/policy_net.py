@@ -14,17 +14,35 @@ import torch
 from torch import nn
 
 
+FEATURES = ("state", "state_probs")
+
+
+def policy_inputs(states, log_probs, features: str):
+    """What the policy reads at a layer: the pooled state s_l (the paper), or s_l and the
+    layer's class probabilities p_l (an option). Works on numpy or torch, any leading dims."""
+    if features == "state":
+        return states
+    if isinstance(states, torch.Tensor):
+        return torch.cat([states, torch.exp(log_probs.to(states.dtype))], -1)
+    return np.concatenate([states, np.exp(log_probs)], -1).astype(np.float32)
+
+
 class LayerMLPPolicy(nn.Module):
     """pi(exit | s_l): per layer a two-layer MLP (H -> hidden -> 1, GELU, sigmoid), as in the paper.
 
+    ``state_dim`` is the input size: H for ``features="state"``, H + C for "state_probs".
     ``shared=True`` uses one MLP for all layers with a learned layer embedding added
     to its hidden units. States are standardised with per-feature statistics
     ``mean``/``std`` taken from the training cache (stored with the policy).
     """
 
-    def __init__(self, state_dim: int, num_layers: int, hidden: int = 32, shared: bool = False) -> None:
+    def __init__(self, state_dim: int, num_layers: int, hidden: int = 32, shared: bool = False,
+                 features: str = "state") -> None:
         super().__init__()
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         self.state_dim, self.num_layers, self.hidden, self.shared = state_dim, num_layers, hidden, shared
+        self.features = features
         n = 1 if shared else num_layers
         self.w1 = nn.Parameter(torch.empty(n, state_dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(n, hidden))
@@ -77,7 +95,7 @@ class LayerMLPPolicy(nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(out / "policy.safetensors.tmp"))
         os.replace(out / "policy.safetensors.tmp", out / "policy.safetensors")
         cfg = {"state_dim": self.state_dim, "num_layers": self.num_layers, "hidden": self.hidden,
-               "shared": self.shared, **(extra or {})}
+               "shared": self.shared, "features": self.features, **(extra or {})}
         (out / "policy.json.tmp").write_text(json.dumps(cfg, indent=2))
         os.replace(out / "policy.json.tmp", out / "policy.json")
 
@@ -87,6 +105,6 @@ class LayerMLPPolicy(nn.Module):
 
         d = Path(run_dir)
         cfg = json.loads((d / "policy.json").read_text())
-        net = cls(cfg["state_dim"], cfg["num_layers"], cfg["hidden"], cfg["shared"])
+        net = cls(cfg["state_dim"], cfg["num_layers"], cfg["hidden"], cfg["shared"], cfg.get("features", "state"))
         net.load_state_dict(load_file(str(d / "policy.safetensors")))
         return net.eval()
