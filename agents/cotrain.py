@@ -76,7 +76,7 @@ class Args:
 
 
 def task_of(env_id: str) -> str:
-    return gym.spec(env_id).kwargs["task"]
+    return cee_env.env_task(env_id)
 
 
 def caches_for(task: str, ckpt: Path, data_dir: str | None) -> dict[str, LayerCache]:

@@ -85,8 +85,7 @@ class Args:
 
 def make_caches(args: Args) -> dict[str, LayerCache]:
     """Train and dev caches (and test when a test file is given) of the environment's task."""
-    spec = gym.spec(args.env)
-    task = spec.kwargs["task"]
+    task = cee_env.env_task(args.env)
     if task.lower() == "synthetic":
         from cee_env.synthetic import make_synthetic_cache
 
@@ -117,6 +116,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         raise ValueError(f"--reward must be one of {cee_env.REWARDS}")
     if args.exploration not in ("sample", "greedy"):
         raise ValueError("--exploration must be 'sample' or 'greedy'")
+    cee_env.env_task(args.env)  # registers cee/<Task>-v0 of a user-defined task
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.torch_threads)

@@ -36,6 +36,7 @@ from backbones.policy_net import LayerMLPPolicy
 TASK_DEFAULTS: dict[str, dict] = {
     "MCID": {"epochs": 8},
     "SST2": {"max_train_samples": 8000},
+    "StackOverflow": {"max_train_samples": 6000},
 }
 
 
@@ -92,7 +93,7 @@ def is_complete(ckpt: Path) -> bool:
 
 def load_splits(c: TrainConfig):
     tr = T.load_split(c.task, "train", data_dir=c.data_dir, path=c.train_file)
-    if c.max_train_samples and len(tr) > c.max_train_samples:
+    if c.max_train_samples and len(tr) > c.max_train_samples:  # 0 = all
         tr = tr.shuffle(seed=c.seed).select(range(c.max_train_samples))
     dev = T.load_split(c.task, "dev", data_dir=c.data_dir, path=c.dev_file)
     test = T.load_split(c.task, "test", data_dir=c.data_dir, path=c.test_file) if c.test_file else None
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weight_decay": "AdamW weight decay of encoder weights",
         "warmup": "fraction of steps with linear warm-up (then linear decay to 0)",
         "max_length": "maximum tokens per instance (pairs are truncated longest-first)",
-        "max_train_samples": "train on a random subset of this size (SST2 default 8000)",
+        "max_train_samples": "train on a random subset of this size (SST2 default 8000, StackOverflow 6000; 0 = all)",
         "seed": "random seed (data order, initialisation)",
         "data_dir": "data directory (default $CEE_DATA_DIR or ../shared/data)",
         "train_file": "train file path, overriding the task's (same format)",
