@@ -54,7 +54,7 @@ class Args:
     """env steps (layer decisions) per run"""
     reward: str = "hardness"
     """hardness (Eq 4), vanilla (Eq 3) or hardness_weighted"""
-    alpha: float = 0.02
+    alpha: float = 0.05
     """depth penalty per layer"""
     n_envs: int = 8
     """SB3: env copies in the DummyVecEnv"""

@@ -51,7 +51,7 @@ class Args:
     """backbone updates (Eq 6) at most; round 0 is the stage-1 backbone"""
     tol: float = 0.005
     """stop when the dev metric and the exit distribution (total variation) both change less than this"""
-    alpha: float = 0.02
+    alpha: float = 0.05
     """depth penalty of the hardness reward (Eq 4)"""
     reward: str = "hardness"
     """reward of the policy stage: hardness, vanilla or hardness_weighted"""

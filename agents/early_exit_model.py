@@ -7,12 +7,21 @@
 
 The transformer runs one layer at a time. After layer l the internal classifier
 reads the pooled state, and the policy is asked :meth:`ExitPolicy.exit_at_layer`
-with the batch's states and log-probabilities of layers 1..l -- the very question
-the evaluator asks over a cached split, so the decisions are the same. Instances
+with the batch's states and log-probabilities of layers 1..l -- the question the
+evaluator asks over a cached split (policies that vectorise ``exit_mask`` answer it
+with the same function computed in one go), so the exits and predictions are those
+the evaluator reports; log-probabilities agree up to float rounding (~1e-7) where
+the padding or batch shape differs from the cache's. Instances
 that exit leave the batch: their rows are dropped from the token states, the
 attention mask and the layer mask (and padding columns beyond the longest
 remaining instance are cut), and the batch ends when its last instance exits.
-The last layer always exits.
+The last layer always exits. A :class:`StaticExit` reads no classifier output, so
+its instances just run k layers and one classifier.
+
+Per layer the loop pools, classifies and asks the policy; with the stock heads
+(Dropout + Linear) and mean pooling it does so with ``F.linear`` and a mask and
+denominator computed once per batch, the same operations as ``model.pool`` /
+``model.classify`` in eval mode (bit-identical; checked against ``model.forward``).
 """
 from __future__ import annotations
 
@@ -24,8 +33,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from agents.policies import ExitPolicy, LayerMLPPolicy, LearnedExit
+from agents.policies import ExitPolicy, LayerMLPPolicy, LearnedExit, StaticExit
 
 __all__ = ["PredictResult", "EarlyExitClassifier", "full_depth_logits", "resolve_policy_checkpoint"]
 
@@ -210,16 +220,28 @@ class EarlyExitClassifier:
         needs_states = getattr(policy, "needs_states", True)
         b = input_ids.shape[0]
         hidden, lmask = model.embed(input_ids, attention_mask, token_type_ids)
+        if type(policy) is StaticExit:  # reads no outputs: run k layers, one classifier (same exits by definition)
+            k = min(max(int(policy.k), 1), L)
+            for l in range(k):
+                hidden = model.run_layer(l, hidden, lmask)
+            logp = torch.log_softmax(model.classify(k - 1, model.pool(hidden, attention_mask)).float(), -1)
+            return logp.numpy(), np.full(b, k, dtype=np.int64), k
         mask = attention_mask
         rows = torch.arange(b)  # original row of each row still in the batch
         out_logp = torch.empty(b, len(self.label_names))
         out_exit = torch.empty(b, dtype=torch.long)
         hist_logp = torch.empty(b, L, len(self.label_names))  # history of the rows still in the batch
         hist_states = torch.empty(b, L, hidden.shape[-1]) if needs_states else None
+        heads = None if model.training else _linear_heads(model)
+        fast_pool = model.config.pooling == "mean" and _is_stock_pool(model)
+        if fast_pool:  # MultiExitEncoder.pool's mean pooling, its mask and denominator computed once
+            pm = mask.unsqueeze(-1).to(hidden.dtype)
+            denom = pm.sum(1).clamp(min=1.0)
         for l in range(L):
             hidden = model.run_layer(l, hidden, lmask)
-            pooled = model.pool(hidden, mask)
-            logp = torch.log_softmax(model.classify(l, pooled).float(), -1)
+            pooled = (hidden * pm).sum(1) / denom if fast_pool else model.pool(hidden, mask)
+            logits = F.linear(pooled, *heads[l]) if heads else model.classify(l, pooled)
+            logp = torch.log_softmax(logits.float(), -1)
             if l == L - 1:
                 out_logp[rows], out_exit[rows] = logp, L
                 return out_logp.numpy(), out_exit.numpy(), L
@@ -247,6 +269,9 @@ class EarlyExitClassifier:
                 if hi - lo < mask.shape[1]:
                     hidden, mask = hidden[:, lo:hi], mask[:, lo:hi]
             lmask = model.layer_mask(hidden, mask)
+            if fast_pool:
+                pm = mask.unsqueeze(-1).to(hidden.dtype)
+                denom = pm.sum(1).clamp(min=1.0)
         raise AssertionError("unreachable: the last layer always exits")
 
 
@@ -266,6 +291,26 @@ def full_depth_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         for l in range(model.num_layers):
             hidden = model.run_layer(l, hidden, lmask)
     return model.classify(model.num_layers - 1, model.pool(hidden, attention_mask))
+
+
+def _linear_heads(model) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """(weight, bias) of every internal classifier when each is Dropout + Linear (the stock heads; in eval
+    mode exactly ``F.linear``), else None (then ``model.classify`` is called)."""
+    from torch import nn
+
+    out = []
+    for head in getattr(model, "heads", ()):
+        if not (isinstance(head, nn.Sequential) and len(head) == 2 and type(head[0]) is nn.Dropout
+                and type(head[1]) is nn.Linear):
+            return None
+        out.append((head[1].weight, head[1].bias))
+    return out if len(out) == model.num_layers else None
+
+
+def _is_stock_pool(model) -> bool:
+    from backbones.multiexit import MultiExitEncoder
+
+    return getattr(type(model), "pool", None) is MultiExitEncoder.pool
 
 
 def resolve_policy_checkpoint(run: Path, meta: dict) -> Path:

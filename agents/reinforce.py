@@ -39,8 +39,8 @@ class Args:
     """environment id (cee/<Task>-v0)"""
     reward: str = "hardness"
     """hardness (Eq 4), vanilla (Eq 3) or hardness_weighted (the alternative reading of Eq 4)"""
-    alpha: float = 0.02
-    """depth penalty per layer (t is the 1-based exit layer)"""
+    alpha: float = 0.05
+    """depth penalty per layer (t is the 1-based exit layer; the authors use 0.01-0.09 for BERT)"""
     epochs: int = 30
     """passes over the training instances"""
     batch_size: int = 32

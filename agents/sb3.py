@@ -65,7 +65,7 @@ class Args:
     """environment id (cee/<Task>-v0 or cee/Synthetic-v0)"""
     reward: str = "hardness"
     """hardness (Eq 4), vanilla (Eq 3) or hardness_weighted (the alternative reading of Eq 4)"""
-    alpha: float = 0.02
+    alpha: float = 0.05
     """depth penalty per layer (t is the 1-based exit layer)"""
     total_timesteps: int | None = None
     """env steps (one step = one layer decision of one instance) to train for (default per algo: ppo and a2c

@@ -151,7 +151,7 @@ def load_cache(folder: Path, expect_fingerprint: str | None = None, verify_state
             raise CacheError(f"{folder}/{name}.npy is {arr.shape} {arr.dtype}, meta says {want['shape']} {want['dtype']}")
         if (name != "states" or verify_states) and _checksum(arr) != want["checksum"]:
             raise CacheError(f"{folder}/{name}.npy checksum mismatch (corrupt)")
-        arrays[name] = arr
+        arrays[name] = np.asarray(arr)  # a plain ndarray view of the map: indexing a np.memmap subclass is slow
     return LayerCache(**arrays, task=meta["task"], split=meta["split"], label_names=tuple(meta["label_names"]),
                       metric=meta["metric"], fingerprint=meta["fingerprint"], meta=meta["meta"])
 

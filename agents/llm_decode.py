@@ -1,0 +1,228 @@
+"""Greedy decoding with token-level early exit on a decoder-only LLM, with the paper's state copying.
+
+    python -m agents.llm_decode --rule policy --policy runs/reinforce/<run> --prompt "Name three colours."
+    python -m agents.llm_decode --rule saturation --threshold 0.95 --prompt "..."
+
+Every new token runs the decoder layers one at a time on the single new position (batch 1, KV cache).
+After layer l an exit rule decides:
+
+- ``policy``: ConsistentEE, a trained :class:`~backbones.policy_net.LayerMLPPolicy` over the per-layer
+  state; exit at the first layer with pi(exit | s_l) > 0.5 (the paper's inference rule).
+- ``softmax``: CALM's softmax response, exit when the layer-l head's top-1 minus top-2 probability
+  exceeds the threshold (costs one lm_head product per layer visited).
+- ``saturation``: CALM's hidden-state saturation, exit when cos(s_l, s_{l-1}) exceeds the threshold.
+- ``static``: always exit at a fixed layer; ``full``: never exit early.
+
+The token is then the layer-t head's argmax (:class:`~backbones.llm.ExitHeads`). State copying: when a
+token exits at layer t, its hidden state s_t stands in for layers t+1..L, so for each skipped layer j the
+keys and values of this position are computed from s_t (layer j's input RMSNorm, k/v projections and
+rotary embedding) and appended to layer j's KV cache; later tokens that reach layer j attend to them.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from backbones.llm import ExitHeads, decoder_parts
+
+
+# --------------------------------------------------------------------------- exit rules
+class ExitRule:
+    """Decide after 0-based layer ``l`` (never asked at the last layer). ``decide`` returns
+    (exit?, the layer-l head's logits if it computed them, else None)."""
+
+    name = "rule"
+
+    def decide(self, l: int, h: torch.Tensor, prev: torch.Tensor | None, heads: ExitHeads):
+        raise NotImplementedError
+
+
+class FullDepth(ExitRule):
+    name = "full"
+
+    def decide(self, l, h, prev, heads):
+        return False, None
+
+
+class StaticExit(ExitRule):
+    def __init__(self, layer: int) -> None:  # 1-based exit layer
+        self.layer, self.name = int(layer), f"static-{layer}"
+
+    def decide(self, l, h, prev, heads):
+        return l + 1 >= self.layer, None
+
+
+class PolicyExit(ExitRule):
+    """ConsistentEE: exit when pi(exit | s_l) > threshold; states clipped to the env's observation bound."""
+
+    def __init__(self, net, threshold: float = 0.5, obs_bound: float = 1000.0, name: str = "consistentee") -> None:
+        self.net, self.threshold, self.bound, self.name = net.eval(), threshold, obs_bound, name
+        if getattr(net, "features", "state") != "state":
+            raise ValueError("token-level decoding supports policies over the state only (features='state')")
+
+    def decide(self, l, h, prev, heads):
+        s = h.float().clamp(-self.bound, self.bound).view(1, -1)
+        p = torch.sigmoid(self.net.logits(s, torch.tensor([l])))[0]
+        return bool(p > self.threshold), None
+
+
+class SoftmaxResponse(ExitRule):
+    """CALM softmax response: top-1 minus top-2 probability of the layer's head above ``threshold``."""
+
+    def __init__(self, threshold: float, min_layer: int = 1) -> None:
+        self.threshold, self.min_layer, self.name = threshold, min_layer, f"calm-softmax-{threshold:g}"
+
+    def decide(self, l, h, prev, heads):
+        if l + 1 < self.min_layer:
+            return False, None
+        logits = heads.logits(h.view(1, -1), l)[0]
+        top = torch.softmax(logits, -1).topk(2).values
+        return bool(top[0] - top[1] > self.threshold), logits
+
+
+class Saturation(ExitRule):
+    """CALM hidden-state saturation: cos(s_l, s_{l-1}) above ``threshold``."""
+
+    def __init__(self, threshold: float, min_layer: int = 2) -> None:
+        self.threshold, self.min_layer, self.name = threshold, min_layer, f"calm-saturation-{threshold:g}"
+
+    def decide(self, l, h, prev, heads):
+        if prev is None or l + 1 < self.min_layer:
+            return False, None
+        return bool(torch.nn.functional.cosine_similarity(h.view(-1), prev.view(-1), dim=0) > self.threshold), None
+
+
+# --------------------------------------------------------------------------- decoding
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)  # 1-based, one per generated token
+    seconds: float = 0.0  # token loop only (the prompt's prefill is excluded)
+
+    @property
+    def avg_exit_layer(self) -> float:
+        return sum(self.exit_layers) / max(1, len(self.exit_layers))
+
+
+def copy_state_kv(layers, h: torch.Tensor, t: int, position_embeddings, cache) -> None:
+    """Append keys/values computed from the exit state ``h`` [1, 1, H] to the caches of layers t+1..L-1 (0-based t)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = position_embeddings
+    for j in range(t + 1, len(layers)):
+        attn = layers[j].self_attn
+        x = layers[j].input_layernorm(h)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        cache.update(k, v, j)
+
+
+@torch.no_grad()
+def generate(model, heads: ExitHeads, prompt: list[int], rule: ExitRule | None = None, max_new_tokens: int = 48,
+             eos_ids: tuple[int, ...] | list[int] = (), copy_states: bool = True) -> Generation:
+    """Greedy early-exit decoding of one prompt (token ids). All but the prompt's last token are prefilled at
+    full depth; from the last prompt token on, every position goes through the exit rule."""
+    from transformers import DynamicCache
+
+    rule = rule or FullDepth()
+    layers, _, _, rotary, embed = decoder_parts(model)
+    L = len(layers)
+    cache = DynamicCache(config=model.config)
+    if len(prompt) > 1:
+        model.model(input_ids=torch.tensor([prompt[:-1]]), past_key_values=cache, use_cache=True)
+    out = Generation()
+    tok, pos = prompt[-1], len(prompt) - 1
+    eos = set(eos_ids)
+    t0 = time.perf_counter()
+    for _ in range(max_new_tokens):
+        h = embed(torch.tensor([[tok]]))
+        position_ids = torch.tensor([[pos]])
+        pe = rotary(h, position_ids)
+        prev, logits = None, None
+        for l, layer in enumerate(layers):
+            h = layer(h, attention_mask=None, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                      position_embeddings=pe)
+            if l == L - 1:
+                break
+            stop, logits = rule.decide(l, h[0, -1], prev, heads)
+            if stop:
+                break
+            prev, logits = h[0, -1], None
+        if l < L - 1:
+            if copy_states:
+                copy_state_kv(layers, h, l, pe, cache)
+            else:
+                raise NotImplementedError("decoding without state copying would leave holes in the KV cache")
+        if logits is None:
+            logits = heads.logits(h[0, -1].view(1, -1), l)[0]
+        tok = int(logits.argmax())
+        out.tokens.append(tok)
+        out.exit_layers.append(l + 1)
+        pos += 1
+        if tok in eos:
+            break
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def eos_token_ids(tok) -> list[int]:
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    vocab = tok.get_vocab()
+    ids |= {vocab[s] for s in ("<|im_end|>", "<|endoftext|>") if s in vocab}
+    return sorted(ids)
+
+
+def make_rule(kind: str, threshold: float | None = None, policy: str | None = None, layer: int | None = None,
+              obs_bound: float = 1000.0) -> ExitRule:
+    if kind == "full":
+        return FullDepth()
+    if kind == "static":
+        return StaticExit(layer or 1)
+    if kind == "softmax":
+        return SoftmaxResponse(0.9 if threshold is None else threshold)
+    if kind == "saturation":
+        return Saturation(0.95 if threshold is None else threshold)
+    if kind == "policy":
+        from backbones.policy_net import LayerMLPPolicy
+
+        if not policy:
+            raise ValueError("--rule policy needs --policy <folder with policy.safetensors>")
+        return PolicyExit(LayerMLPPolicy.load(policy), 0.5 if threshold is None else threshold, obs_bound)
+    raise ValueError(f"unknown rule {kind!r}; expected full, static, softmax, saturation or policy")
+
+
+def main(argv=None) -> None:
+    from backbones.llm import default_heads_dir, load_llm
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True, help="user message (formatted with the chat template)")
+    p.add_argument("--rule", default="full", choices=["full", "static", "softmax", "saturation", "policy"],
+                   help="exit rule")
+    p.add_argument("--threshold", type=float, default=None, help="rule threshold (policy: pi; CALM: confidence)")
+    p.add_argument("--policy", default=None, help="policy folder (for --rule policy)")
+    p.add_argument("--layer", type=int, default=None, help="exit layer for --rule static (1-based)")
+    p.add_argument("--heads", default=None, help="exit-heads folder (default runs/llm/heads)")
+    p.add_argument("--model", default=None, help="HF causal-LM folder (default: SmolLM2 GGUF, cached)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from backbones.llm import prompt_ids
+
+    model, tok, _ = load_llm(a.model)
+    heads = ExitHeads.load(a.heads or default_heads_dir(), model)
+    g = generate(model, heads, prompt_ids(tok, {"instruction": a.prompt}), make_rule(a.rule, a.threshold, a.policy,
+                                                                                   a.layer),
+                 a.max_new_tokens, eos_token_ids(tok))
+    print(tok.decode(g.tokens, skip_special_tokens=True))
+    print(f"\n{len(g.tokens)} tokens in {g.seconds:.2f} s ({len(g.tokens) / max(g.seconds, 1e-9):.1f} tokens/s), "
+          f"avg exit layer {g.avg_exit_layer:.2f}/{model.config.num_hidden_layers}")
+
+
+if __name__ == "__main__":
+    main()
