@@ -47,7 +47,7 @@ def test_get_cache_builds_right_shapes_and_values(tmp_runs, ckpt):
     assert dev.states.dtype == np.float32 and dev.log_probs.dtype == np.float32 and dev.labels.dtype == np.int64
     assert (dev.task, dev.split, dev.label_names, dev.metric) == (TINY_TASK, "dev", ("neg", "pos"), "accuracy")
     assert len(dev.fingerprint) == 64 and dev.meta["pooling"] == "cls" and dev.has_labels
-    assert isinstance(dev.states, np.memmap), "caches are memory-mapped"
+    assert isinstance(dev.states.base, np.memmap), "caches are memory-mapped (a plain view of the map)"
     np.testing.assert_allclose(np.exp(dev.log_probs).sum(-1), 1.0, rtol=1e-5)
 
     # the same numbers as running the checkpoint directly
