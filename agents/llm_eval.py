@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     for alpha in _floats(a.alphas):
         res = train(Args(env="cee/Alpaca-v0", alpha=alpha, reward=a.reward, epochs=a.policy_epochs, k=4,
                          lr=a.policy_lr, eps_start=0.02, init_policy=str(init), eval_every=10 ** 6, seed=a.seed,
-                         quiet=True, run_name=f"Alpaca-llm-{a.reward}-a{alpha:g}"),
+                         quiet=True, run_name=f"Alpaca-llm-{Path(a.heads or 'heads').name}-{a.reward}-a{alpha:g}"),
                     caches)
         policies[alpha] = res["policy"].net
         policy_dev[alpha] = res["results"]["dev"]

