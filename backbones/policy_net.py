@@ -62,6 +62,10 @@ class LayerMLPPolicy(nn.Module):
     def logits(self, states: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
         """Exit logits for states [B, H] at 0-based layers [B]."""
         x = (states - self.mean) / self.std
+        if not self.shared and len(layers) and bool((layers == layers[0]).all()):  # one layer: no weight gather
+            g = int(layers[0])
+            h = nn.functional.gelu(x @ self.w1[g] + self.b1[g])
+            return (h @ self.w2[g]).squeeze(-1) + self.b2[g]
         idx = torch.zeros_like(layers) if self.shared else layers
         h = torch.einsum("bd,bdk->bk", x, self.w1[idx]) if x.shape[0] <= 64 else self._grouped(x, idx)
         h = h + self.b1[idx]

@@ -199,15 +199,17 @@ class NeverExit(StaticExit):
         super().__init__(10 ** 9)
 
 
+@pytest.mark.parametrize("batch_size", [16, 1])
 @pytest.mark.parametrize("stock_heads", [True, False])
-def test_generic_loop_is_bitwise_the_forward(tiny, stock_heads):
-    """At full depth on the same padded batch, the loop's last-layer log-probs are exactly forward()'s."""
+def test_generic_loop_is_bitwise_the_forward(tiny, stock_heads, batch_size):
+    """At full depth on the same (padded, or unpadded) batch, the loop's last-layer log-probs are exactly forward()'s."""
     model = MultiExitEncoder.load(tiny["ckpt"])
     if not stock_heads:  # not Dropout + Linear: the classifier falls back to model.classify
         model.heads = torch.nn.ModuleList(torch.nn.Sequential(*h, torch.nn.Identity()) for h in model.heads)
     clf = EarlyExitClassifier(model, EarlyExitClassifier.from_checkpoint(tiny["ckpt"], StaticExit(1)).tokenizer,
                               NeverExit())
-    _, inputs = next(clf.batches(clf.tokenize(tiny["ds"]["text_a"], tiny["ds"]["text_b"]), 16))
+    _, inputs = next(clf.batches(clf.tokenize(tiny["ds"]["text_a"], tiny["ds"]["text_b"]), batch_size))
+    assert bool(inputs["attention_mask"].all()) == (batch_size == 1)
     logp, exits, _ = clf.classify_batch(**inputs)
     with torch.inference_mode():
         want = torch.log_softmax(model(**inputs)[:, -1].float(), -1).numpy()
