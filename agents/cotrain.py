@@ -36,7 +36,7 @@ import numpy as np
 import cee_env  # noqa: F401
 from agents import reinforce
 from agents.common import parse_dataclass_args, write_json
-from agents.evaluate import evaluate
+from agents.evaluate import EvalResult
 from agents.policies import StaticExit
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache, get_cache
@@ -146,7 +146,7 @@ def run(args: Args) -> dict:
                 run_name=f"cotrain-{root.name}-r{r}", out=str(rdir / "policy"),
                 init_policy=str(prev_policy) if prev_policy else None, quiet=True), caches)
             dev = out["results"]["dev"]
-            pol = evaluate(out["policy"], caches["dev"])
+            pol = EvalResult(**dev[out["policy"].name])  # reinforce already scored it on this dev cache
             rec = {"round": r, "checkpoint": str(ckpt), "policy": str(rdir / "policy"),
                    "dev": pol.to_dict(), "dev_full_depth": dev[StaticExit(caches["dev"].num_layers).name],
                    "layer_accuracy": {s: layer_accuracy(c) for s, c in caches.items()}}

@@ -156,6 +156,17 @@ def load_cache(folder: Path, expect_fingerprint: str | None = None, verify_state
                       metric=meta["metric"], fingerprint=meta["fingerprint"], meta=meta["meta"])
 
 
+def load_if_usable(folder: Path, fp: str) -> LayerCache | None:
+    """The cache in ``folder`` if it exists and matches ``fp``; None (with a message) if it must be built."""
+    if not folder.exists():
+        return None
+    try:
+        return load_cache(folder, fp)
+    except CacheError as e:
+        print(f"cache {folder} is unusable ({e}); rebuilding it")
+        return None
+
+
 def build_cache(model, tokenizer, ds, *, task: str, split: str, label_names, metric: str, max_length: int,
                 fingerprint_: str = "", batch_size: int = 64, meta: dict | None = None) -> LayerCache:
     """Run a multi-exit model once over a dataset: states, log-probs, labels for every layer."""
@@ -178,8 +189,6 @@ def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | N
     read the split from a file path. Caches live in ``runs/cache/<task>/`` keyed
     by a fingerprint; a corrupt or mismatched cache is rebuilt, never used.
     """
-    import torch
-
     from backbones import tasks as T
     from backbones.multiexit import MultiExitEncoder, load_tokenizer
     from backbones.paths import runs_dir
@@ -199,21 +208,14 @@ def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | N
     src = str(Path(path).resolve()) if path else f"{spec.name}:{split}:{_split_file_id(spec, split, data_dir)}"
     fp = fingerprint(ckpt, spec.name, split, src, cfg["max_length"], limit)
     folder = runs_dir() / "cache" / spec.name / f"{split}-{fp[:16]}"
-    if not rebuild and folder.exists():
-        try:
-            return load_cache(folder, fp)
-        except CacheError as e:
-            print(f"cache {folder} is unusable ({e}); rebuilding it")
+    if not rebuild and (cached := load_if_usable(folder, fp)) is not None:
+        return cached
     if verbose:
         print(f"building the layer cache for {spec.name}/{split} ({len(ds)} instances) from {ckpt}")
     model = MultiExitEncoder.load(ckpt)
-    torch.set_grad_enabled(False)
-    try:
-        cache = build_cache(model, load_tokenizer(ckpt), ds, task=spec.name, split=split, label_names=spec.label_names,
-                            metric=spec.metric, max_length=cfg["max_length"], fingerprint_=fp, batch_size=batch_size,
-                            meta={"checkpoint": str(ckpt), "source": src, "pooling": cfg["pooling"]})
-    finally:
-        torch.set_grad_enabled(True)
+    cache = build_cache(model, load_tokenizer(ckpt), ds, task=spec.name, split=split, label_names=spec.label_names,
+                        metric=spec.metric, max_length=cfg["max_length"], fingerprint_=fp, batch_size=batch_size,
+                        meta={"checkpoint": str(ckpt), "source": src, "pooling": cfg["pooling"]})
     save_cache(cache, folder)
     return load_cache(folder, fp)
 

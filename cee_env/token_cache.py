@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cee_env.cache import CacheError, LayerCache, load_cache, save_cache
+from cee_env.cache import LayerCache, load_cache, load_if_usable, save_cache
 
 OBS_BOUND = 1000.0  # SmolLM2's residual stream reaches ~700 in deep layers; the default bound 50 would clip it
 TASK = "Alpaca"
@@ -87,11 +87,8 @@ def get_token_cache(split: str = "train", n_prompts: int | None = None, per_prom
              "n": n_prompts, "per": per_prompt, "target": target, "offset": offset, "seed": seed, "v": 1}
     fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     folder = runs_dir() / "llm" / "cache" / f"{split}-{fp[:16]}"
-    if not rebuild and folder.exists():
-        try:
-            return load_cache(folder, fp)
-        except CacheError as e:
-            print(f"token cache {folder} unusable ({e}); rebuilding")
+    if not rebuild and (cached := load_if_usable(folder, fp)) is not None:
+        return cached
     if verbose:
         print(f"building the token cache {split} ({n_prompts} prompts x {per_prompt} positions) in {folder}")
     m, tok, _ = llm.load_llm(model, verbose=verbose)
