@@ -12,6 +12,11 @@ Round 0 starts from the stage-1 checkpoint (Eq 1). In round r:
    backbone and classifiers fine-tuned with Eq 6 (cross-entropy only at the exit
    layer the policy picks) -> the next round's checkpoint.
 
+With ``--joint`` step 3 is the paper's joint variant instead: backbone, classifiers
+and policy trained together (Eq 6 at the exits the policy samples + Eq 5 with the
+hardness reward, memorized layers from step 1); the next round's policy stage starts
+from that jointly trained policy.
+
 Stops after ``--rounds`` backbone updates, or earlier when the dev metric and the
 exit distribution change by less than ``--tol`` between rounds. Every step is
 checkpointed under runs/cotrain/<name>/; running the same command again resumes.
@@ -63,6 +68,8 @@ class Args:
     """encoder learning rate of the Eq 6 stage (the paper: 3e-5)"""
     head_lr: float = 3e-4
     """internal classifiers' learning rate of the Eq 6 stage"""
+    joint: bool = False
+    """backbone stage trains the policy too (Eq 6 + Eq 5 together, the paper's joint variant)"""
     launcher: str = ""
     """run the backbone stage as a subprocess under this launcher, e.g. 'accelerate launch --num_processes 2 --cpu'"""
     checkpoint: str | None = None
@@ -93,15 +100,22 @@ def exit_tv(h1: list[int], h2: list[int]) -> float:
     return 0.5 * float(np.abs(a / a.sum() - b / b.sum()).sum())
 
 
-def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Path) -> Path:
-    """Eq 6 with the policy frozen; in-process, or under ``--launcher`` (DDP)."""
+def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Path,
+                   memorized: np.ndarray | None = None) -> Path:
+    """Eq 6 with the policy frozen (or, with ``--joint``, Eq 6 + Eq 5 with the policy
+    training too); in-process, or under ``--launcher`` (DDP)."""
     from backbones.train import TrainConfig, is_complete, train
 
     if is_complete(out):
         return out
-    cfg = TrainConfig(task=task, init_from=str(init), objective="exit", exit_policy=str(policy_dir),
-                      epochs=args.backbone_epochs, lr=args.backbone_lr, head_lr=args.head_lr, warmup=0.0,
-                      seed=args.seed, data_dir=args.data_dir, out=str(out))
+    extra = {}
+    if args.joint:
+        mem_file = out.parent / "memorized_train.npy"
+        np.save(mem_file, memorized)
+        extra = dict(memorized=str(mem_file), reward=args.reward, alpha=args.alpha)
+    cfg = TrainConfig(task=task, init_from=str(init), objective="joint" if args.joint else "exit",
+                      exit_policy=str(policy_dir), epochs=args.backbone_epochs, lr=args.backbone_lr,
+                      head_lr=args.head_lr, warmup=0.0, seed=args.seed, data_dir=args.data_dir, out=str(out), **extra)
     if not args.launcher:
         return train(cfg)
     cmd = [*shlex.split(args.launcher), "-m", "backbones.train"]
@@ -134,6 +148,7 @@ def run(args: Args) -> dict:
             ckpt, prev_policy = Path(rec["checkpoint"]), Path(rec["policy"])
             if rec.get("next_checkpoint"):
                 ckpt = Path(rec["next_checkpoint"])
+                prev_policy = ckpt / "policy" if args.joint else prev_policy
                 continue
             if rec.get("stop"):
                 break
@@ -165,8 +180,14 @@ def run(args: Args) -> dict:
                 break
         if r == args.rounds:
             break
-        print(f"== round {r}: backbone Eq 6 with the policy frozen -> round {r + 1}")
-        nxt = backbone_stage(args, task, ckpt, rdir / "policy", rdir / "backbone")
+        print(f"== round {r}: " + ("backbone and policy trained jointly (Eq 6 + Eq 5)" if args.joint
+                                   else "backbone Eq 6 with the policy frozen") + f" -> round {r + 1}")
+        mem = None
+        if args.joint:
+            tr = get_cache(task=task, split="train", checkpoint=ckpt, data_dir=args.data_dir)
+            mem = memorized_layer(tr.preds, tr.labels)
+        nxt = backbone_stage(args, task, ckpt, rdir / "policy", rdir / "backbone", mem)
+        prev_policy = nxt / "policy" if args.joint else prev_policy
         state["rounds"][r]["next_checkpoint"] = str(nxt)
         write_json(state_file, state)
         ckpt = nxt

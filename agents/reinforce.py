@@ -28,7 +28,7 @@ import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents.common import parse_dataclass_args, write_json
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
-from backbones.policy_net import policy_inputs
+from backbones.policy_net import policy_inputs, reinforce_loss
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
 
@@ -97,17 +97,6 @@ def make_caches(args: Args) -> dict[str, LayerCache]:
     if args.test_file:
         out["test"] = get_cache(split="test", test_file=args.test_file, **kw)
     return out
-
-
-def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, alive: torch.Tensor,
-                   returns: torch.Tensor, k: int) -> torch.Tensor:
-    """Eq 5. ``logits``/``actions``/``alive`` [T, B*K] over steps (alive: the trajectory had not
-    ended before that step), ``returns`` [B*K] with the K copies of an instance adjacent."""
-    logp_step = -torch.nn.functional.binary_cross_entropy_with_logits(logits, actions, reduction="none")
-    logp_tau = (logp_step * alive).sum(0)
-    r = returns.view(-1, k)
-    adv = (r - r.mean(1, keepdim=True)).reshape(-1)
-    return -(adv * logp_tau).mean()
 
 
 def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:

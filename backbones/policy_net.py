@@ -27,6 +27,18 @@ def policy_inputs(states, log_probs, features: str):
     return np.concatenate([states, np.exp(log_probs)], -1).astype(np.float32)
 
 
+def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, alive: torch.Tensor,
+                   returns: torch.Tensor, k: int) -> torch.Tensor:
+    """The paper's Eq 5. ``logits``/``actions``/``alive`` [T, B*K] over steps (alive: the
+    trajectory had not ended before that step), ``returns`` [B*K] with the K copies of an
+    instance adjacent; their mean return is the instance's baseline."""
+    logp_step = -nn.functional.binary_cross_entropy_with_logits(logits, actions, reduction="none")
+    logp_tau = (logp_step * alive).sum(0)
+    r = returns.view(-1, k)
+    adv = (r - r.mean(1, keepdim=True)).reshape(-1)
+    return -(adv * logp_tau).mean()
+
+
 class LayerMLPPolicy(nn.Module):
     """pi(exit | s_l): per layer a two-layer MLP (H -> hidden -> 1, GELU, sigmoid), as in the paper.
 
@@ -80,6 +92,10 @@ class LayerMLPPolicy(nn.Module):
             sel = idx == g
             out[sel] = x[sel] @ self.w1[g]
         return out
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """``all_layer_logits``; a forward so DDP (joint training) syncs the policy's gradients."""
+        return self.all_layer_logits(states)
 
     def all_layer_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Exit logits for states [N, L, H] at every layer: [N, L]."""

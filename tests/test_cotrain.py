@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from agents import cotrain
-from backbones.train import exit_layer_loss
+from backbones.policy_net import LayerMLPPolicy
+from backbones.train import exit_layer_loss, joint_loss
 from tests.conftest import TINY_TASK
 
 
@@ -15,9 +16,9 @@ class _FixedExit(torch.nn.Module):
         super().__init__()
         self.exits, self.L = torch.as_tensor(exits), num_layers
 
-    def all_layer_logits(self, states):
-        logits = torch.full((states.shape[0], self.L), -5.0)
-        logits[torch.arange(states.shape[0]), self.exits] = 5.0
+    def forward(self, states):
+        logits = torch.full((states.shape[0], self.L), -50.0)
+        logits[torch.arange(states.shape[0]), self.exits] = 50.0
         return logits
 
 
@@ -38,9 +39,50 @@ def test_eq6_loss_is_cross_entropy_at_the_policy_exit_only():
 def test_no_exit_means_last_layer():
     logits = torch.randn(2, 3, 2)
     net = _FixedExit([0, 0], 3)
-    net.all_layer_logits = lambda s: torch.full((2, 3), -1.0)  # pi < 0.5 everywhere
+    net.forward = lambda s: torch.full((2, 3), -1.0)  # pi < 0.5 everywhere
     loss = exit_layer_loss(logits, torch.zeros(2, 3, 4), torch.tensor([1, 0]), net)
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits[:, -1], torch.tensor([1, 0])))
+
+
+def test_joint_loss_with_a_deterministic_policy_is_eq6_and_its_policy_gradient_vanishes():
+    # A policy that exits at fixed layers with probability ~1 samples the same exit K times:
+    # the CE part is Eq 6 and every trajectory's reward equals the baseline.
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 2, requires_grad=True)
+    labels = torch.tensor([0, 1, 1])
+    loss, parts = joint_loss(logits, torch.randn(3, 4, 5), labels, torch.tensor([1, 4, 2]),
+                             _FixedExit([0, 2, 3], 4), alpha=0.1, reward="hardness", k=4)
+    expected = torch.nn.functional.cross_entropy(logits[torch.arange(3), torch.tensor([0, 2, 3])], labels)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert parts["policy_loss"] == 0.0 and abs(parts["exit_layer"] - 8 / 3) < 1e-6
+    # Hardness reward of the exits by hand: log p_t(y) - alpha * t * (1 - m/L).
+    logp = logits.detach().log_softmax(-1)
+    r = [logp[0, 0, 0] - 0.1 * 1 * (1 - 1 / 4), logp[1, 2, 1] - 0.1 * 3 * 0.0, logp[2, 3, 1] - 0.1 * 4 * (1 - 2 / 4)]
+    assert abs(parts["reward"] - float(sum(r)) / 3) < 1e-5
+
+
+def test_joint_loss_trains_the_policy_towards_the_better_exit():
+    # Two layers; layer 1 is right with high confidence and layer 2 wrong for every instance:
+    # the policy gradient must raise the exit probability at layer 1, and CE reaches only
+    # the sampled exit layers.
+    torch.manual_seed(0)
+    n, L = 64, 2
+    logits = torch.zeros(n, L, 2)
+    logits[:, 0, 1], logits[:, 1, 0] = 4.0, 4.0
+    logits.requires_grad_(True)
+    labels = torch.ones(n, dtype=torch.long)
+    states = torch.randn(n, L, 3)
+    net = LayerMLPPolicy(3, L, hidden=8)
+    p_before = torch.sigmoid(net(states)[:, 0]).mean().item()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(30):
+        loss, parts = joint_loss(logits, states, labels, torch.full((n,), L), net, alpha=0.01, reward="vanilla", k=4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p_after = torch.sigmoid(net(states)[:, 0]).mean().item()
+    assert p_after > p_before + 0.3 and p_after > 0.9
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
 def test_cotrain_round_trip_and_resume(tiny_checkpoint, tiny_task, tmp_runs, capsys):
@@ -77,3 +119,24 @@ def test_cotrain_round_trip_and_resume(tiny_checkpoint, tiny_task, tmp_runs, cap
     assert "resuming" in capsys.readouterr().out
     assert (new_ckpt / "model.safetensors").stat().st_mtime == mtime
     assert [r["metric"] for r in again["rounds"]] == [r["metric"] for r in summary["rounds"]]
+
+
+def test_cotrain_joint_variant_trains_backbone_and_policy(tiny_checkpoint, tiny_task, tmp_runs):
+    ckpt, _ = tiny_checkpoint
+    args = cotrain.Args(env=f"cee/{TINY_TASK}-v0", rounds=1, tol=0.0, alpha=0.05, policy_epochs=1, joint=True,
+                        backbone_epochs=1, backbone_lr=1e-3, head_lr=1e-3, checkpoint=str(ckpt), name="j")
+    summary = cotrain.run(args)
+    root = tmp_runs / "cotrain" / "j"
+    new_ckpt = root / "round-0" / "backbone"
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    cfg = json.loads((new_ckpt / "train_config.json").read_text())
+    assert cfg["objective"] == "joint" and cfg["memorized"].endswith("memorized_train.npy")
+    mem = np.load(cfg["memorized"])
+    assert len(mem) == 64 and mem.min() >= 1 and mem.max() <= 2
+    # The jointly trained policy differs from the round-0 REINFORCE policy it started from.
+    from safetensors.numpy import load_file
+
+    p0 = load_file(str(root / "round-0" / "policy" / "policy.safetensors"))
+    pj = load_file(str(new_ckpt / "policy" / "policy.safetensors"))
+    assert any(not np.allclose(p0[k], pj[k]) for k in ("w1", "w2"))
+    assert json.loads((new_ckpt / "policy" / "policy.json").read_text())["joint"] is True

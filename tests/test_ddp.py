@@ -100,6 +100,26 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_rte_files, tiny_encoder_dir):
     check_complete(out)
     assert (tmp_path / "runs" / "tb" / "stage1" / "ddp").is_dir()
 
+    # The joint variant (Eq 6 + Eq 5) on top of it: the policy is a second DDP-wrapped module.
+    from backbones.multiexit import MultiExitEncoder
+    from backbones.policy_net import LayerMLPPolicy
+
+    hidden = MultiExitEncoder.load(out).encoder.config.hidden_size
+    LayerMLPPolicy(hidden, 2, hidden=8).save(tmp_path / "policy0", extra={"task": "RTE"})
+    np.save(tmp_path / "mem.npy", np.full(60, 2))
+    joint = tmp_path / "joint"
+    args = train_args(tiny_rte_files, tiny_encoder_dir, joint, "--init-from", str(out), "--objective", "joint",
+                      "--exit-policy", str(tmp_path / "policy0"), "--memorized", str(tmp_path / "mem.npy"),
+                      "--policy-lr", "1e-2")
+    r = launch(tmp_path, ["-m", "backbones.train"], args)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    check_complete(joint)
+    from safetensors.numpy import load_file
+
+    p0, p1 = load_file(str(tmp_path / "policy0" / "policy.safetensors")), load_file(str(joint / "policy" / "policy.safetensors"))
+    assert any(not np.allclose(p0[k], p1[k]) for k in ("w1", "w2", "b2"))
+
 
 @pytest.mark.slow  # two more launches (~15-40 s on a busy 2-core machine)
 def test_ddp_resume_after_crash(tmp_path, tiny_rte_files, tiny_encoder_dir):
