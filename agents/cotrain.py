@@ -1,7 +1,9 @@
 """ConsistentEE's iterative training (paper steps 2-5): policy and backbone in turn.
 
     python -m agents.cotrain --env cee/RTE-v0 --rounds 3
-    python -m agents.cotrain --env cee/RTE-v0 --launcher "accelerate launch --num_processes 2 --cpu"
+    python -m agents.cotrain --env cee/MRPC-v0 --alpha 0.1 --joint     # the joint variant (Eq 6 + Eq 5)
+    ACCELERATE_USE_CPU=true python -m agents.cotrain --env cee/RTE-v0 \
+        --launcher "accelerate launch --multi_gpu --num_processes 2"    # backbone stage as DDP on 2 CPU processes
 
 Round 0 starts from the stage-1 checkpoint (Eq 1). In round r:
 
@@ -71,7 +73,7 @@ class Args:
     joint: bool = False
     """backbone stage trains the policy too (Eq 6 + Eq 5 together, the paper's joint variant)"""
     launcher: str = ""
-    """run the backbone stage as a subprocess under this launcher, e.g. 'accelerate launch --num_processes 2 --cpu'"""
+    """run the backbone stage as a subprocess under this launcher, e.g. 'accelerate launch --multi_gpu --num_processes 2' (on a CPU-only machine with ACCELERATE_USE_CPU=true set)"""
     checkpoint: str | None = None
     """stage-1 checkpoint to start from (default: the task's default, trained if missing)"""
     data_dir: str | None = None
