@@ -288,3 +288,10 @@ def test_packaged_minilm_loads():
             hidden = m.run_layer(l, hidden, mask)
             torch.testing.assert_close(hidden, out.hidden_states[l + 1], rtol=1e-4, atol=1e-4)
     assert logits.shape == (2, 6, 2) and states.shape == (2, 6, 384)
+
+
+def test_task_defaults_fill_only_unset_fields():
+    assert tr.TrainConfig(task="RTE").resolved().epochs == 5
+    assert tr.TrainConfig(task="rte", epochs=2).resolved().epochs == 2
+    assert tr.TrainConfig(task="MRPC").resolved().epochs == 3
+    assert tr.TrainConfig(task="StackOverflow").resolved().max_train_samples == 6000
