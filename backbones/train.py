@@ -96,6 +96,16 @@ def checkpoint_dir(c: TrainConfig) -> Path:
     return Path(c.out) if c.out else runs_dir() / "stage1" / run_name(c)
 
 
+def tb_name(out: Path) -> str:
+    """TensorBoard run name: the checkpoint folder's name, or for outputs nested deeper
+    under runs/ (runs/cotrain/<run>/round-<r>/backbone) the parts below runs/<kind>/ joined."""
+    try:
+        rel = Path(out).resolve().relative_to(runs_dir().resolve()).parts
+    except ValueError:
+        rel = ()
+    return "-".join(rel[1:]) if len(rel) > 2 else Path(out).name
+
+
 def is_complete(ckpt: Path) -> bool:
     return (ckpt / WEIGHTS_NAME).is_file() and (ckpt / "metrics.json").is_file()
 
@@ -193,7 +203,7 @@ def train(cfg: TrainConfig) -> Path:
 
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
-        writer = SummaryWriter(str(runs_dir() / "tb" / "stage1" / out.name))
+        writer = SummaryWriter(str(runs_dir() / "tb" / "stage1" / tb_name(out)))
 
     def save_state(epoch: int, step_in_epoch: int, global_step: int) -> None:
         acc.wait_for_everyone()

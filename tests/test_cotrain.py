@@ -140,3 +140,4 @@ def test_cotrain_joint_variant_trains_backbone_and_policy(tiny_checkpoint, tiny_
     pj = load_file(str(new_ckpt / "policy" / "policy.safetensors"))
     assert any(not np.allclose(p0[k], pj[k]) for k in ("w1", "w2"))
     assert json.loads((new_ckpt / "policy" / "policy.json").read_text())["joint"] is True
+    assert (tmp_runs / "tb" / "stage1" / "j-round-0-backbone").is_dir()  # one TensorBoard run per round
