@@ -254,7 +254,7 @@ def print_summary(s: dict, root: Path) -> None:
         print(f"{r['round']:>5}  {100 * r['metric']:6.1f}  {100 * r['full_depth']:10.1f}  {r['avg_exit_layer']:8.2f}  "
               f"{100 * r['saved_layers']:5.1f}%")
     t = s["table1"]
-    print(f"Table 1 (train, stage-1 backbone, n={t['n']}): Spearman(memorized layer, final-layer loss) = {t['rho_loss']:.3f}"
+    print(f"Table 1 (train, stage-1 backbone, n={int(t['n'])}): Spearman(memorized layer, final-layer loss) = {t['rho_loss']:.3f}"
           + (f", Spearman(memorized layer, forgetting events over {t['forgetting_presentations']} epochs) = "
              f"{t['rho_forgetting']:.3f}" if "rho_forgetting" in t else ""))
     print(f"Figure 2: {root / 'figure2_layer_accuracy.png'}\nsummary: {root / 'summary.json'}")
