@@ -8,14 +8,10 @@ cee/Synthetic-v0 with seed 0, so seeds vary only the agents), with the same rewa
 and alpha, and scored by the shared evaluator on dev. One *env step* is one layer
 decision of one instance (SB3's ``num_timesteps``).
 
-Budget for REINFORCE: it trains in epochs, and one epoch is
-``ceil(n_train / batch_size) * batch_size * k`` trajectories of unknown length, so
-the budget becomes ``epochs = max(1, round(budget / (trajectories_per_epoch * E)))``
-with E the assumed mean trajectory length (``--reinforce-episode-len``, default
-(L + 1) / 2); the env steps it actually took (every layer decision of every
-trajectory) are what the table reports. SB3's on-policy algorithms finish their last
-rollout, so they may overshoot the budget by up to n_steps * n_envs steps. The
-table shows the measured env steps.
+Budget: REINFORCE stops once its trajectories have taken the budget's env steps
+(mid-epoch if need be; its epsilon decays over the budget). SB3's on-policy
+algorithms finish their last rollout, so they may overshoot by up to
+n_steps * n_envs steps. The table shows the measured env steps.
 
 Writes runs/compare/<env>/results.json and compare.png (left: mean training reward
 vs env steps per algorithm, averaged over seeds; right: dev metric vs saved layers,
@@ -58,8 +54,6 @@ class Args:
     """depth penalty per layer"""
     n_envs: int = 8
     """SB3: env copies in the DummyVecEnv"""
-    reinforce_episode_len: float | None = None
-    """assumed mean trajectory length for turning the budget into REINFORCE epochs (default (L+1)/2)"""
     checkpoint: str | None = None
     """stage-1 checkpoint directory (default: the task's default)"""
     data_dir: str | None = None
@@ -70,14 +64,6 @@ class Args:
     """print only the final table"""
 
 
-def reinforce_epochs(budget: int, n_train: int, num_layers: int, batch_size: int, k: int,
-                     episode_len: float | None = None) -> int:
-    """REINFORCE epochs whose env steps are ~``budget`` (see the module docstring)."""
-    per_epoch = int(np.ceil(n_train / batch_size)) * batch_size * k
-    e = episode_len or (num_layers + 1) / 2
-    return max(1, int(round(budget / (per_epoch * e))))
-
-
 def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> dict:
     """Train one algorithm with one seed; returns a row of the comparison."""
     env_name = args.env.split("/")[-1]
@@ -86,14 +72,11 @@ def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> 
     if algo == "reinforce":
         ra = reinforce.Args(env=args.env, reward=args.reward, alpha=args.alpha, seed=seed, quiet=True,
                             run_name=run_name, checkpoint=args.checkpoint, data_dir=args.data_dir)
-        tr = caches["train"]
-        ra.epochs = reinforce_epochs(args.budget, tr.num_instances, tr.num_layers, ra.batch_size, ra.k,
-                                     args.reinforce_episode_len)
-        ra.eval_every = max(1, ra.epochs // 5)
+        ra.total_env_steps = args.budget
         out = reinforce.train(ra, caches)
         res = out["results"]
         env_steps, curve = res["env_steps"], [(float(x), float(y)) for x, y in res["reward_curve"]]
-        extra = {"epochs": ra.epochs, "updates": res["updates"]}
+        extra = {"epochs": res["epochs"], "updates": res["updates"]}
     else:
         sa = sb3.Args(algo=algo, env=args.env, reward=args.reward, alpha=args.alpha, total_timesteps=args.budget,
                       n_envs=args.n_envs, eval_every=max(1, args.budget // 5), seed=seed, quiet=True,

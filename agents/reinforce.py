@@ -43,6 +43,8 @@ class Args:
     """depth penalty per layer (t is the 1-based exit layer; the authors use 0.01-0.09 for BERT)"""
     epochs: int = 30
     """passes over the training instances"""
+    total_env_steps: int | None = None
+    """stop once this many env steps (layer decisions) are taken, mid-epoch if need be; replaces --epochs, and epsilon decays over it"""
     batch_size: int = 32
     """instances per policy update"""
     k: int = 8
@@ -131,15 +133,20 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     updates_per_epoch = int(np.ceil(n / args.batch_size))
+    budget = args.total_env_steps
     total = updates_per_epoch * args.epochs
     t0, update, steps, curve = time.time(), 0, 0, []
-    bar = tqdm(total=total, desc=f"REINFORCE {name}", disable=args.quiet)
-    for epoch in range(args.epochs):
+    bar = tqdm(total=budget or total, desc=f"REINFORCE {name}", disable=args.quiet, unit=" steps" if budget else "it")
+    epoch = 0
+    while (steps < budget) if budget else (epoch < args.epochs):
         order = rng.permutation(n)
         for b in range(updates_per_epoch):
+            if budget and steps >= budget:
+                break
             ids = order[b * args.batch_size:(b + 1) * args.batch_size]
             ids = np.concatenate([ids, rng.integers(0, n, args.batch_size - len(ids))])  # fill the last batch
-            eps = args.eps_start + (args.eps_end - args.eps_start) * update / max(1, total - 1)
+            frac = min(1.0, steps / budget) if budget else update / max(1, total - 1)
+            eps = args.eps_start + (args.eps_end - args.eps_start) * frac
             obs, info = envs.reset(options={"indices": np.repeat(ids, args.k)})
             alive = np.ones(nenv, dtype=bool)
             returns = np.zeros(nenv)
@@ -178,15 +185,17 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
             writer.add_scalar("charts/epsilon", eps, update)
             writer.add_scalar("losses/policy_loss", loss.item(), update)
             curve.append((steps, float(returns.mean())))
-            bar.update()
+            bar.update(int(alv.sum()) if budget else 1)
             bar.set_postfix(reward=f"{returns.mean():.3f}", exit=f"{exit_layer.mean():.2f}", eps=f"{eps:.2f}")
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        epoch += 1
+        if epoch % args.eval_every == 0 or (not budget and epoch == args.epochs):
             res = evaluate(policy, dev_cache)
             log_eval(writer, "dev", res, update)
     bar.close()
     envs.close()
 
     results = {"args": asdict(args), "train_seconds": round(time.time() - t0, 1), "env_steps": steps, "updates": update,
+               "epochs": round(update / updates_per_epoch, 2),
                "reward_curve": curve[:: max(1, len(curve) // 200)]}
     for split, cache in caches.items():
         if split == "train" or not cache.has_labels:

@@ -94,3 +94,15 @@ def test_short_reinforce_run_beats_random_policy_on_synthetic_env(tmp_path, monk
     d = dev.meta["difficulty"]
     assert np.mean(np.abs(learned.exit_layers - d) <= 1) > 0.7
     assert (tmp_path / "reinforce").is_dir()
+
+
+def test_reinforce_env_step_budget_stops_mid_epoch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CEE_RUNS_DIR", str(tmp_path))
+    caches = {s: make_synthetic_cache(n=256, num_layers=4, hidden=12, split=s, seed=1) for s in ("train", "dev")}
+    # One update is 16 instances x 4 trajectories of 1-4 steps (64-256 env steps); an epoch is 16 updates.
+    args = Args(env="cee/Synthetic-v0", alpha=0.3, reward="vanilla", epochs=1, total_env_steps=5000,
+                batch_size=16, k=4, eval_every=100, quiet=True, seed=0)
+    res = train(args, caches)["results"]
+    assert 5000 <= res["env_steps"] < 5000 + 16 * 4 * 4
+    assert res["epochs"] > 1  # --epochs is replaced by the budget
+    assert res["reward_curve"][-1][0] == res["env_steps"]
