@@ -102,18 +102,18 @@ def exit_tv(h1: list[int], h2: list[int]) -> float:
     return 0.5 * float(np.abs(a / a.sum() - b / b.sum()).sum())
 
 
-def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Path,
-                   memorized: np.ndarray | None = None) -> Path:
+def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Path) -> Path:
     """Eq 6 with the policy frozen (or, with ``--joint``, Eq 6 + Eq 5 with the policy
-    training too); in-process, or under ``--launcher`` (DDP)."""
+    training too, on the memorized layers of ``init``); in-process, or under ``--launcher`` (DDP)."""
     from backbones.train import TrainConfig, is_complete, train
 
     if is_complete(out):
         return out
     extra = {}
     if args.joint:
+        tr = get_cache(task=task, split="train", checkpoint=init, data_dir=args.data_dir)
         mem_file = out.parent / "memorized_train.npy"
-        np.save(mem_file, memorized)
+        np.save(mem_file, memorized_layer(tr.preds, tr.labels))
         extra = dict(memorized=str(mem_file), reward=args.reward, alpha=args.alpha)
     cfg = TrainConfig(task=task, init_from=str(init), objective="joint" if args.joint else "exit",
                       exit_policy=str(policy_dir), epochs=args.backbone_epochs, lr=args.backbone_lr,
@@ -184,11 +184,7 @@ def run(args: Args) -> dict:
             break
         print(f"== round {r}: " + ("backbone and policy trained jointly (Eq 6 + Eq 5)" if args.joint
                                    else "backbone Eq 6 with the policy frozen") + f" -> round {r + 1}")
-        mem = None
-        if args.joint:
-            tr = get_cache(task=task, split="train", checkpoint=ckpt, data_dir=args.data_dir)
-            mem = memorized_layer(tr.preds, tr.labels)
-        nxt = backbone_stage(args, task, ckpt, rdir / "policy", rdir / "backbone", mem)
+        nxt = backbone_stage(args, task, ckpt, rdir / "policy", rdir / "backbone")
         prev_policy = nxt / "policy" if args.joint else prev_policy
         state["rounds"][r]["next_checkpoint"] = str(nxt)
         write_json(state_file, state)

@@ -272,9 +272,8 @@ def train(cfg: TrainConfig) -> Path:
         np.save(out / "train_correct.npy", correct)
         model_.save(out, tok)
         if c.objective == "joint":
-            extra = {k: v for k, v in json.loads((Path(c.exit_policy) / "policy.json").read_text()).items()
-                     if k not in ("state_dim", "num_layers", "hidden", "shared", "features")}
-            acc.unwrap_model(exit_net).save(out / "policy", extra={**extra, "checkpoint": str(out), "joint": True})
+            start = json.loads((Path(c.exit_policy) / "policy.json").read_text())  # its env, reward, task, ...
+            acc.unwrap_model(exit_net).save(out / "policy", extra={**start, "checkpoint": str(out), "joint": True})
         tmp = out / "metrics.json.tmp"
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, out / "metrics.json")  # written last: its presence marks the checkpoint complete
