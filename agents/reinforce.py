@@ -109,9 +109,9 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         raise ValueError("--exploration must be 'sample' or 'greedy'")
     cee_env.env_task(args.env)  # registers cee/<Task>-v0 of a user-defined task
     rng = np.random.default_rng(args.seed)
-    torch.manual_seed(args.seed)
     torch.set_num_threads(args.torch_threads)
     caches = caches or make_caches(args)
+    torch.manual_seed(args.seed)  # after the caches: building one initialises a model and draws from torch's RNG
     train_cache, dev_cache = caches["train"], caches["dev"]
     n, L = train_cache.num_instances, train_cache.num_layers
     nenv = args.batch_size * args.k
