@@ -3,8 +3,9 @@
     python -m agents.llm_decode --rule policy --policy runs/reinforce/<run> --prompt "Name three colours."
     python -m agents.llm_decode --rule saturation --threshold 0.95 --prompt "..."
 
-Every new token runs the decoder layers one at a time on the single new position (batch 1, KV cache).
-After layer l an exit rule decides:
+Every new token runs the decoder layers one at a time on the single new position (KV cache), for one
+prompt (:func:`generate`) or a left-padded batch (:func:`generate_batch`). After layer l an exit rule
+decides, row by row:
 
 - ``policy``: ConsistentEE, a trained :class:`~backbones.policy_net.LayerMLPPolicy` over the per-layer
   state; exit at the first layer with pi(exit | s_l) > 0.5 (the paper's inference rule).
@@ -31,8 +32,9 @@ from backbones.llm import ExitHeads, decoder_parts
 
 # --------------------------------------------------------------------------- exit rules
 class ExitRule:
-    """Decide after 0-based layer ``l`` (never asked at the last layer). ``decide`` returns
-    (exit?, the layer-l head's logits if it computed them, else None)."""
+    """Decide after 0-based layer ``l`` (never asked at the last layer) for a batch of rows that have not
+    exited yet: ``decide(l, h [B, H], prev [B, H] | None, heads)`` returns (exit? bool [B], the layer-l
+    head's logits [B, V] if the rule computed them, else None)."""
 
     name = "rule"
 
@@ -44,7 +46,7 @@ class FullDepth(ExitRule):
     name = "full"
 
     def decide(self, l, h, prev, heads):
-        return False, None
+        return torch.zeros(len(h), dtype=torch.bool), None
 
 
 class StaticExit(ExitRule):
@@ -52,7 +54,7 @@ class StaticExit(ExitRule):
         self.layer, self.name = int(layer), f"static-{layer}"
 
     def decide(self, l, h, prev, heads):
-        return l + 1 >= self.layer, None
+        return torch.full((len(h),), l + 1 >= self.layer), None
 
 
 class PolicyExit(ExitRule):
@@ -64,9 +66,9 @@ class PolicyExit(ExitRule):
             raise ValueError("token-level decoding supports policies over the state only (features='state')")
 
     def decide(self, l, h, prev, heads):
-        s = h.float().clamp(-self.bound, self.bound).view(1, -1)
-        p = torch.sigmoid(self.net.logits(s, torch.tensor([l])))[0]
-        return bool(p > self.threshold), None
+        s = h.float().clamp(-self.bound, self.bound)
+        p = torch.sigmoid(self.net.logits(s, torch.full((len(s),), l)))
+        return p.view(-1) > self.threshold, None
 
 
 class SoftmaxResponse(ExitRule):
@@ -77,10 +79,10 @@ class SoftmaxResponse(ExitRule):
 
     def decide(self, l, h, prev, heads):
         if l + 1 < self.min_layer:
-            return False, None
-        logits = heads.logits(h.view(1, -1), l)[0]
-        top = torch.softmax(logits, -1).topk(2).values
-        return bool(top[0] - top[1] > self.threshold), logits
+            return torch.zeros(len(h), dtype=torch.bool), None
+        logits = heads.logits(h, l)
+        top = torch.softmax(logits, -1).topk(2, dim=-1).values
+        return top[:, 0] - top[:, 1] > self.threshold, logits
 
 
 class Saturation(ExitRule):
@@ -91,8 +93,8 @@ class Saturation(ExitRule):
 
     def decide(self, l, h, prev, heads):
         if prev is None or l + 1 < self.min_layer:
-            return False, None
-        return bool(torch.nn.functional.cosine_similarity(h.view(-1), prev.view(-1), dim=0) > self.threshold), None
+            return torch.zeros(len(h), dtype=torch.bool), None
+        return torch.nn.functional.cosine_similarity(h.float(), prev.float(), dim=-1) > self.threshold, None
 
 
 # --------------------------------------------------------------------------- decoding
@@ -100,7 +102,7 @@ class Saturation(ExitRule):
 class Generation:
     tokens: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)  # 1-based, one per generated token
-    seconds: float = 0.0  # token loop only (the prompt's prefill is excluded)
+    seconds: float = 0.0  # token loop only (the prompt's prefill is excluded); shared by the rows of a batch
 
     @property
     def avg_exit_layer(self) -> float:
@@ -108,7 +110,7 @@ class Generation:
 
 
 def copy_state_kv(layers, h: torch.Tensor, t: int, position_embeddings, cache) -> None:
-    """Append keys/values computed from the exit state ``h`` [1, 1, H] to the caches of layers t+1..L-1 (0-based t)."""
+    """Append keys/values computed from the exit states ``h`` [B, 1, H] to the caches of layers t+1..L-1 (0-based t)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     cos, sin = position_embeddings
@@ -123,51 +125,99 @@ def copy_state_kv(layers, h: torch.Tensor, t: int, position_embeddings, cache) -
 
 
 @torch.no_grad()
-def generate(model, heads: ExitHeads, prompt: list[int], rule: ExitRule | None = None, max_new_tokens: int = 48,
-             eos_ids: tuple[int, ...] | list[int] = (), copy_states: bool = True) -> Generation:
-    """Greedy early-exit decoding of one prompt (token ids). All but the prompt's last token are prefilled at
-    full depth; from the last prompt token on, every position goes through the exit rule."""
+def generate_batch(model, heads: ExitHeads, prompts: list[list[int]], rule: ExitRule | None = None,
+                   max_new_tokens: int = 48, eos_ids: tuple[int, ...] | list[int] = (),
+                   copy_states: bool = True) -> list[Generation]:
+    """Greedy early-exit decoding of a batch of prompts (token ids, left-padded together). All but each
+    prompt's last token are prefilled at full depth; from the last prompt token on, every position goes
+    through the exit rule, row by row.
+
+    A row that exits at layer t keeps s_t, and s_t is fed to the deeper layers that still run for the rows
+    that have not exited: those layers then cache keys/values computed from s_t for it (state copying),
+    and their output for it is discarded. Once every row has exited, the keys/values of the remaining
+    layers are computed from the exit states (:func:`copy_state_kv`) and the layer loop stops, so a batch
+    runs as deep as its deepest row. A row stops at an end-of-sequence token; the others go on.
+    """
     from transformers import DynamicCache
 
+    if not copy_states:
+        raise NotImplementedError("decoding without state copying would leave holes in the KV cache")
     rule = rule or FullDepth()
     layers, _, _, rotary, embed = decoder_parts(model)
-    L = len(layers)
+    L, B = len(layers), len(prompts)
+    lens = torch.tensor([len(p) for p in prompts])
+    if (lens < 1).any():
+        raise ValueError("every prompt needs at least one token")
+    T = int(lens.max())
+    ids = torch.zeros((B, T), dtype=torch.long)
+    kmask = torch.zeros((B, T), dtype=torch.bool)  # keys a row may attend to (False: left padding)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        kmask[i, T - len(p):] = True
+    padded = not bool(kmask.all())
     cache = DynamicCache(config=model.config)
-    if len(prompt) > 1:
-        model.model(input_ids=torch.tensor([prompt[:-1]]), past_key_values=cache, use_cache=True)
-    out = Generation()
-    tok, pos = prompt[-1], len(prompt) - 1
-    eos = set(eos_ids)
+    if T > 1:
+        model.model(input_ids=ids[:, :-1], attention_mask=kmask[:, :-1].long() if padded else None,
+                    position_ids=(kmask[:, :-1].long().cumsum(1) - 1).clamp(min=0), past_key_values=cache,
+                    use_cache=True)
+    outs = [Generation() for _ in range(B)]
+    tok, pos = ids[:, -1].clone(), lens - 1
+    done = torch.zeros(B, dtype=torch.bool)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
     t0 = time.perf_counter()
     for _ in range(max_new_tokens):
-        h = embed(torch.tensor([[tok]]))
-        position_ids = torch.tensor([[pos]])
+        attn = kmask[:, None, None, :] if padded else None  # bool, True = attend (one query per row)
+        h = embed(tok.view(B, 1))
+        position_ids = pos.view(B, 1)
         pe = rotary(h, position_ids)
-        prev, logits = None, None
+        active = ~done
+        exit_layer = torch.full((B,), L - 1)
+        rule_logits: dict[int, torch.Tensor] = {}
+        prev = None
         for l, layer in enumerate(layers):
-            h = layer(h, attention_mask=None, position_ids=position_ids, past_key_values=cache, use_cache=True,
+            y = layer(h, attention_mask=attn, position_ids=position_ids, past_key_values=cache, use_cache=True,
                       position_embeddings=pe)
+            h = y if bool(active.all()) else torch.where(active.view(B, 1, 1), y, h)
             if l == L - 1:
                 break
-            stop, logits = rule.decide(l, h[0, -1], prev, heads)
-            if stop:
-                break
-            prev, logits = h[0, -1], None
-        if l < L - 1:
-            if copy_states:
+            idx = active.nonzero().flatten()
+            stop, logits = rule.decide(l, h[idx, -1], None if prev is None else prev[idx], heads)
+            if bool(stop.any()):
+                for k in stop.nonzero().flatten().tolist():
+                    row = int(idx[k])
+                    exit_layer[row] = l
+                    if logits is not None:
+                        rule_logits[row] = logits[k]
+                active = active.clone()
+                active[idx[stop]] = False
+            if not bool(active.any()):
                 copy_state_kv(layers, h, l, pe, cache)
-            else:
-                raise NotImplementedError("decoding without state copying would leave holes in the KV cache")
-        if logits is None:
-            logits = heads.logits(h[0, -1].view(1, -1), l)[0]
-        tok = int(logits.argmax())
-        out.tokens.append(tok)
-        out.exit_layers.append(l + 1)
-        pos += 1
-        if tok in eos:
+                break
+            prev = h[:, -1]
+        need = [i for i in range(B) if i not in rule_logits]
+        nxt = torch.empty(B, dtype=torch.long)
+        if need:
+            nxt[need] = heads.logits(h[need, -1], exit_layer[need]).argmax(-1)
+        for i, lg in rule_logits.items():
+            nxt[i] = lg.argmax()
+        for i in (~done).nonzero().flatten().tolist():
+            outs[i].tokens.append(int(nxt[i]))
+            outs[i].exit_layers.append(int(exit_layer[i]) + 1)
+        done = done | torch.isin(nxt, eos)
+        if bool(done.all()):
             break
-    out.seconds = time.perf_counter() - t0
-    return out
+        tok, pos = nxt, pos + 1
+        kmask = torch.cat([kmask, torch.ones((B, 1), dtype=torch.bool)], 1)
+    secs = time.perf_counter() - t0
+    for g in outs:
+        g.seconds = secs
+    return outs
+
+
+def generate(model, heads: ExitHeads, prompt: list[int], rule: ExitRule | None = None, max_new_tokens: int = 48,
+             eos_ids: tuple[int, ...] | list[int] = (), copy_states: bool = True) -> Generation:
+    """Greedy early-exit decoding of one prompt (batch 1): :func:`generate_batch` of ``[prompt]``."""
+    return generate_batch(model, heads, [prompt], rule, max_new_tokens, eos_ids, copy_states)[0]
 
 
 def eos_token_ids(tok) -> list[int]:

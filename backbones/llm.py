@@ -6,12 +6,16 @@
   safetensors + tokenizer under ``runs/llm/smollm2/``; later loads read that folder. Any
   Hugging Face causal-LM folder or name works too (``path=``).
 - :class:`ExitHeads`: per layer l a trained RMSNorm (initialised from the model's final norm)
-  into the model's shared, frozen ``lm_head`` (an optional low-rank adapter per layer, off by
-  default). The head of the last layer starts equal to the model's own output.
+  into the model's shared, frozen ``lm_head``; optionally a full affine translator per layer
+  (``--affine``, as the "tuned lens": identity-initialised, 0.33M parameters a layer) or a low-rank
+  adapter (``--rank``). The head of the last layer stays equal to the model's own output.
 - Stage 1 (paper Eq 1, w_l = l) with the backbone frozen: per-layer last-token hidden states are
   computed once for sampled response positions of Alpaca prompts (teacher forcing on the
   reference answer, chat template), then the heads are trained on them. The target is the full
-  model's greedy next token (default) or the reference token (``--target reference``).
+  model's greedy next token (default) or the reference token (``--target reference``); with
+  ``--loss soft`` the target is the full model's whole next-token distribution (Eq 1 with soft labels,
+  i.e. distillation: per position it carries far more than one token id).
+  Per-layer states are cached under ``runs/llm/positions/`` so heads can be retrained without the model.
   The last 500 Alpaca rows are held out for evaluation (:func:`alpaca_rows`).
 
 A "state" s_l is the hidden state after decoder layer l (before any norm), as the decoder
@@ -152,7 +156,7 @@ class Positions:
 def collect_positions(model, tok, rows: list[dict], n_prompts: int, per_prompt: int, seed: int = 0,
                       max_response: int = 64, progress: bool = True) -> Positions:
     """Teacher-force the reference answer after each prompt and keep ``per_prompt`` random response positions
-    (the state at position i predicts token i + 1)."""
+    (``per_prompt <= 0``: all of them; the state at position i predicts token i + 1)."""
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
@@ -164,7 +168,8 @@ def collect_positions(model, tok, rows: list[dict], n_prompts: int, per_prompt: 
         ids = torch.tensor([p + resp])
         states, logits = layer_states(model, ids)
         pos = np.arange(len(p) - 1, ids.shape[1] - 1)
-        pos = np.sort(rng.choice(pos, size=min(per_prompt, len(pos)), replace=False))
+        if per_prompt > 0:
+            pos = np.sort(rng.choice(pos, size=min(per_prompt, len(pos)), replace=False))
         S.append(states[pos].float().numpy())
         G.append(logits[pos].argmax(-1).numpy())
         R.append(ids[0, pos + 1].numpy())
@@ -175,20 +180,28 @@ def collect_positions(model, tok, rows: list[dict], n_prompts: int, per_prompt: 
 
 # --------------------------------------------------------------------------- exit heads
 class ExitHeads(nn.Module):
-    """p_l(. | s_l) = softmax(lm_head(RMSNorm_l(s_l) [+ adapter_l])) for l = 1..L, lm_head shared and frozen.
+    """p_l(. | s_l) = softmax(lm_head(g_l * T_l(u)) [+ adapter_l]) for l = 1..L, lm_head shared and frozen,
+    where u = s_l / rms(s_l) is the RMS-normalised state.
 
-    ``norm_weight`` [L, H] starts as the model's final-norm weight; ``rank > 0`` adds a per-layer
-    low-rank residual adapter (zero-initialised, so it starts as the identity).
+    ``norm_weight`` g_l [L, H] starts as the model's final-norm weight. ``affine=True`` adds a full
+    translator T_l(u) = u + u A_l + b_l per layer (A_l, b_l zero-initialised, so it starts as the
+    identity; the "tuned lens" of Belrose et al. 2023, applied after the scale normalisation so it is
+    well conditioned whatever the residual stream's size); otherwise T_l is the identity.
+    ``rank > 0`` adds a per-layer low-rank residual adapter after the norm (zero-initialised too).
     ``freeze_last`` keeps the last layer's head equal to the model's own output.
     """
 
     def __init__(self, lm_head_weight: torch.Tensor, final_norm_weight: torch.Tensor, num_layers: int,
-                 eps: float = 1e-5, rank: int = 0, freeze_last: bool = True) -> None:
+                 eps: float = 1e-5, rank: int = 0, freeze_last: bool = True, affine: bool = False) -> None:
         super().__init__()
         self.num_layers, self.eps, self.rank, self.freeze_last = num_layers, float(eps), int(rank), freeze_last
+        self.affine = bool(affine)
         H = final_norm_weight.shape[0]
         self.register_buffer("lm_head_weight", lm_head_weight.detach().float(), persistent=False)
         self.norm_weight = nn.Parameter(final_norm_weight.detach().float().clone().repeat(num_layers, 1))
+        if self.affine:
+            self.trans_weight = nn.Parameter(torch.zeros(num_layers, H, H))
+            self.trans_bias = nn.Parameter(torch.zeros(num_layers, H))
         if rank > 0:
             self.down = nn.Parameter(torch.randn(num_layers, H, rank) / H ** 0.5)
             self.up = nn.Parameter(torch.zeros(num_layers, rank, H))
@@ -203,21 +216,26 @@ class ExitHeads(nn.Module):
         return g
 
     @classmethod
-    def from_model(cls, model, rank: int = 0, freeze_last: bool = True) -> "ExitHeads":
+    def from_model(cls, model, rank: int = 0, freeze_last: bool = True, affine: bool = False) -> "ExitHeads":
         _, norm, head, _, _ = decoder_parts(model)
         return cls(head.weight, norm.weight, model.config.num_hidden_layers, getattr(norm, "variance_epsilon", 1e-5),
-                   rank, freeze_last)
+                   rank, freeze_last, affine)
 
     def normed(self, states: torch.Tensor, layers: torch.Tensor | int | None = None) -> torch.Tensor:
         """RMSNorm_l(s_l) (+ adapter): states [..., L, H] for all layers (layers=None), or [B, H] at ``layers``."""
         x = states.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if layers is None:
+            if self.affine:
+                x = x + torch.einsum("...lh,lhk->...lk", x, self.trans_weight) + self.trans_bias
             w = self.norm_weight
             x = x * w
             if self.rank:
                 x = x + torch.einsum("...lh,lhr,lrk->...lk", x, self.down, self.up)
             return x
+        if self.affine:
+            A = self.trans_weight[layers]
+            x = x + ((x.unsqueeze(-2) @ A).squeeze(-2) if A.dim() == 3 else x @ A) + self.trans_bias[layers]
         w = self.norm_weight[layers]
         x = x * w
         if self.rank:
@@ -236,7 +254,7 @@ class ExitHeads(nn.Module):
         save_file(tensors, str(out / "exit_heads.safetensors.tmp"))
         os.replace(out / "exit_heads.safetensors.tmp", out / "exit_heads.safetensors")
         cfg = {"num_layers": self.num_layers, "eps": self.eps, "rank": self.rank, "freeze_last": self.freeze_last,
-               **(extra or {})}
+               "affine": self.affine, **(extra or {})}
         (out / "exit_heads.json.tmp").write_text(json.dumps(cfg, indent=1))
         os.replace(out / "exit_heads.json.tmp", out / "exit_heads.json")
 
@@ -245,17 +263,23 @@ class ExitHeads(nn.Module):
         from safetensors.torch import load_file
 
         cfg = json.loads((Path(folder) / "exit_heads.json").read_text())
-        heads = cls.from_model(model, rank=cfg["rank"], freeze_last=cfg["freeze_last"])
+        heads = cls.from_model(model, rank=cfg["rank"], freeze_last=cfg["freeze_last"],
+                               affine=cfg.get("affine", False))
         heads.load_state_dict(load_file(str(Path(folder) / "exit_heads.safetensors")))
         return heads.eval()
 
 
 def eq1_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Paper Eq 1: sum_l w_l CE(y, p_l) / sum_l w_l with w_l = l; logits [B, L, V], target [B]."""
+    """Paper Eq 1: sum_l w_l CE(y, p_l) / sum_l w_l with w_l = l; logits [B, L, V], target [B] token ids
+    or [B, V] probabilities (soft labels: the cross-entropy with a distribution, i.e. KL up to a constant)."""
     B, L, V = logits.shape
-    ce = nn.functional.cross_entropy(logits.reshape(B * L, V), target.repeat_interleave(L), reduction="none")
+    if target.dim() == 2:
+        ce = -(torch.log_softmax(logits, -1) * target.unsqueeze(1)).sum(-1)
+    else:
+        ce = nn.functional.cross_entropy(logits.reshape(B * L, V), target.repeat_interleave(L),
+                                         reduction="none").view(B, L)
     w = torch.arange(1, L + 1, dtype=ce.dtype, device=ce.device)
-    return (ce.view(B, L) * w).sum(1).mean() / w.sum()
+    return (ce * w).sum(1).mean() / w.sum()
 
 
 @torch.no_grad()
@@ -268,13 +292,19 @@ def head_agreement(heads: ExitHeads, states: np.ndarray, target: np.ndarray, bat
     return hits / len(states)
 
 
-def train_heads(heads: ExitHeads, states: np.ndarray, target: np.ndarray, epochs: int = 2, lr: float = 1e-2,
-                batch: int = 32, seed: int = 0, progress: bool = True) -> list[float]:
-    """Eq 1 on cached states (the backbone is not touched). Returns the loss of every step."""
+def train_heads(heads: ExitHeads, states: np.ndarray, target: np.ndarray | None, epochs: int = 2, lr: float = 1e-2,
+                batch: int = 32, seed: int = 0, progress: bool = True, trans_lr: float = 1e-3) -> list[float]:
+    """Eq 1 on cached states (the backbone is not touched). Returns the loss of every step.
+
+    ``target=None``: soft labels, the full model's next-token distribution at each position (read off the
+    last layer's state through the frozen last head). ``trans_lr``: Adam step of the affine translators."""
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=lr)
+    trans = [p for n, p in heads.named_parameters() if n.startswith("trans_")]
+    rest = [p for n, p in heads.named_parameters() if not n.startswith("trans_")]
+    groups = [{"params": rest, "lr": lr}] + ([{"params": trans, "lr": trans_lr}] if trans else [])
+    opt = torch.optim.Adam(groups)
     losses = []
     heads.train()
     steps = epochs * int(np.ceil(len(states) / batch))
@@ -283,7 +313,13 @@ def train_heads(heads: ExitHeads, states: np.ndarray, target: np.ndarray, epochs
         order = rng.permutation(len(states))
         for i in range(0, len(order), batch):
             ids = order[i:i + batch]
-            loss = eq1_loss(heads.logits(torch.as_tensor(states[ids])), torch.as_tensor(target[ids]))
+            x = torch.as_tensor(states[ids])
+            if target is None:
+                with torch.no_grad():
+                    y = torch.softmax(heads.logits(x[:, -1], heads.num_layers - 1), -1)
+            else:
+                y = torch.as_tensor(target[ids])
+            loss = eq1_loss(heads.logits(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -303,10 +339,14 @@ class Stage1Args:
     per_prompt: int = 16
     eval_prompts: int = 24
     target: str = "greedy"
+    loss: str = "hard"
     epochs: int = 2
     lr: float = 1e-2
+    trans_lr: float = 1e-3
     batch: int = 32
     rank: int = 0
+    affine: bool = False
+    max_response: int = 64
     seed: int = 0
     out: str | None = None
     data_dir: str | None = None
@@ -319,24 +359,49 @@ def default_heads_dir() -> Path:
     return runs_dir() / "llm" / "heads"
 
 
+def cached_positions(model, tok, model_name: str | None, split: str, n_prompts: int, per_prompt: int, seed: int,
+                     max_response: int, data_dir: str | None = None) -> Positions:
+    """:func:`collect_positions` of Alpaca ``split`` rows, saved once under ``runs/llm/positions/`` (keyed by
+    the model and the sampling arguments) and read back afterwards."""
+    import hashlib
+
+    from backbones.paths import runs_dir
+
+    key = json.dumps({"model": model_name or "smollm2-gguf", "split": split, "n": n_prompts, "per": per_prompt,
+                      "seed": seed, "max_response": max_response, "data": str(data_dir or "")}, sort_keys=True)
+    f = runs_dir() / "llm" / "positions" / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if f.is_file():
+        z = np.load(f)
+        return Positions(z["states"], z["greedy"], z["reference"], z["prompt"])
+    pos = collect_positions(model, tok, alpaca_rows(split, data_dir), n_prompts, per_prompt, seed, max_response)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f.stem + ".tmp.npz")
+    np.savez(tmp, **asdict(pos))
+    os.replace(tmp, f)
+    return pos
+
+
 def stage1(args: Stage1Args) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     if args.target not in ("greedy", "reference"):
         raise ValueError(f"--target must be greedy or reference, got {args.target!r}")
+    if args.loss not in ("hard", "soft"):
+        raise ValueError(f"--loss must be hard or soft, got {args.loss!r}")
     timings = {}
     model, tok, info = load_llm(args.model)
     timings["load"] = info["load_seconds"]
     t = time.time()
-    tr = collect_positions(model, tok, alpaca_rows("train", args.data_dir), args.n_prompts, args.per_prompt, args.seed)
-    ev = collect_positions(model, tok, alpaca_rows("eval", args.data_dir), args.eval_prompts, args.per_prompt,
-                           args.seed + 1)
+    tr = cached_positions(model, tok, args.model, "train", args.n_prompts, args.per_prompt, args.seed,
+                          args.max_response, args.data_dir)
+    ev = cached_positions(model, tok, args.model, "eval", args.eval_prompts, args.per_prompt, args.seed + 1,
+                          args.max_response, args.data_dir)
     timings["hidden_states"] = round(time.time() - t, 1)
-    heads = ExitHeads.from_model(model, rank=args.rank)
+    heads = ExitHeads.from_model(model, rank=args.rank, affine=args.affine)
     before = head_agreement(heads, ev.states, ev.greedy)
     t = time.time()
-    y = tr.greedy if args.target == "greedy" else tr.reference
-    losses = train_heads(heads, tr.states, y, args.epochs, args.lr, args.batch, args.seed)
+    y = None if args.loss == "soft" else (tr.greedy if args.target == "greedy" else tr.reference)
+    losses = train_heads(heads, tr.states, y, args.epochs, args.lr, args.batch, args.seed, trans_lr=args.trans_lr)
     timings["train_heads"] = round(time.time() - t, 1)
     after = head_agreement(heads, ev.states, ev.greedy)
     out = Path(args.out) if args.out else default_heads_dir()
@@ -357,14 +422,19 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF causal-LM folder/name (default: the packaged SmolLM2 GGUF)")
     p.add_argument("--n-prompts", type=int, default=48, help="training prompts (Alpaca rows, excluding the last 500)")
-    p.add_argument("--per-prompt", type=int, default=16, help="response positions sampled per prompt")
+    p.add_argument("--per-prompt", type=int, default=16, help="response positions sampled per prompt (0 = all)")
+    p.add_argument("--max-response", type=int, default=64, help="reference-answer tokens teacher-forced per prompt")
     p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts for head agreement")
     p.add_argument("--target", default="greedy", choices=["greedy", "reference"],
-                   help="train on the full model's greedy next token or the reference token")
+                   help="train on the full model's greedy next token or the reference token (--loss hard)")
+    p.add_argument("--loss", default="hard", choices=["hard", "soft"],
+                   help="hard: Eq 1 on one target token; soft: on the full model's next-token distribution")
     p.add_argument("--epochs", type=int, default=2, help="passes over the cached positions")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the heads")
     p.add_argument("--batch", type=int, default=32, help="positions per step (x L layers)")
     p.add_argument("--rank", type=int, default=0, help="low-rank adapter per head (0 = off)")
+    p.add_argument("--affine", action="store_true", help="a full affine translator per head (tuned lens)")
+    p.add_argument("--trans-lr", type=float, default=1e-3, help="Adam learning rate of the affine translators")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="output folder (default runs/llm/heads)")
     p.add_argument("--data-dir", default=None, help="data directory (default $CEE_DATA_DIR or ../shared/data)")

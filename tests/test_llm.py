@@ -241,3 +241,57 @@ def test_real_smollm2_has_30_layers():
     assert states.shape[1:] == (30, 576)
     heads = ExitHeads.from_model(model)
     assert torch.equal(heads.logits(states[:, -1], 29).argmax(-1), logits.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def lively_llama():
+    """A tiny Llama whose greedy tokens change from step to step and whose layers change the state
+    (untied, scaled lm_head; strong residual branches), so exits and state copying matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from backbones.llm import ExitHeads
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(5), layer.mlp.down_proj.weight.mul_(5)
+    torch.manual_seed(1)
+    return model, ExitHeads.from_model(model)
+
+
+def _mixed_policy(seed=3):
+    """A LayerMLPPolicy over the tiny model's states whose decisions differ between rows, layers and steps."""
+    from backbones.policy_net import LayerMLPPolicy
+
+    torch.manual_seed(seed)
+    net = LayerMLPPolicy(32, 4)
+    with torch.no_grad():
+        net.w2.mul_(30.0)
+    return net
+
+
+@pytest.mark.parametrize("kind", ["full", "static2", "policy", "saturation", "softmax"])
+def test_batched_decoding_equals_one_prompt_at_a_time(lively_llama, kind):
+    """Left-padded batches give every row the tokens and exit layers it gets alone (state copying included:
+    rows that exit keep feeding their state to the layers the batch still runs)."""
+    from agents.llm_decode import FullDepth, PolicyExit, Saturation, SoftmaxResponse, StaticExit, generate, \
+        generate_batch
+
+    model, heads = lively_llama
+    rule = {"full": FullDepth(), "static2": StaticExit(2), "policy": PolicyExit(_mixed_policy()),
+            "saturation": Saturation(0.5), "softmax": SoftmaxResponse(0.05)}[kind]
+    prompts = [[5, 17, 42, 8, 3], [9, 1], [11, 4, 60, 2, 90, 33, 7], [64]]
+    alone = [generate(model, heads, p, rule, max_new_tokens=9, eos_ids=[6]) for p in prompts]
+    batch = generate_batch(model, heads, prompts, rule, max_new_tokens=9, eos_ids=[6])
+    for a, b in zip(alone, batch):
+        assert a.tokens == b.tokens and a.exit_layers == b.exit_layers
+    assert len({t for g in alone for t in g.tokens}) >= 5  # the model does not just repeat one token
+    if kind == "policy":  # rows exit at different layers, within a step and across steps
+        assert len({g.exit_layers[0] for g in alone}) >= 2
+        assert any(len(set(g.exit_layers)) >= 2 for g in alone)
+        assert any(len(g.tokens) < 9 for g in alone)  # a row stops at its end-of-sequence token
