@@ -247,7 +247,7 @@ def make_rule(kind: str, threshold: float | None = None, policy: str | None = No
 
 
 def main(argv=None) -> None:
-    from backbones.llm import default_heads_dir, load_llm
+    from backbones.llm import default_heads_dir, heads_model, load_llm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", required=True, help="user message (formatted with the chat template)")
@@ -257,14 +257,15 @@ def main(argv=None) -> None:
     p.add_argument("--policy", default=None, help="policy folder (for --rule policy)")
     p.add_argument("--layer", type=int, default=None, help="exit layer for --rule static (1-based)")
     p.add_argument("--heads", default=None, help="exit-heads folder (default runs/llm/heads)")
-    p.add_argument("--model", default=None, help="HF causal-LM folder (default: SmolLM2 GGUF, cached)")
+    p.add_argument("--model", default=None,
+                   help="HF causal-LM folder (default: the heads' LoRA-adapted model if any, else SmolLM2 GGUF)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from backbones.llm import prompt_ids
 
-    model, tok, _ = load_llm(a.model)
+    model, tok, _ = load_llm(heads_model(a.heads, a.model))
     heads = ExitHeads.load(a.heads or default_heads_dir(), model)
     g = generate(model, heads, prompt_ids(tok, {"instruction": a.prompt}), make_rule(a.rule, a.threshold, a.policy,
                                                                                    a.layer),

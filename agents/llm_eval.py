@@ -1,15 +1,19 @@
 """ROUGE-L vs speed-up of token-level early exit on SmolLM2-135M: ConsistentEE (alpha sweep) vs CALM.
 
     python -m agents.llm_eval                                  # defaults: 20 held-out prompts x 48 tokens
-    python -m agents.llm_eval --n-prompts 8 --max-new-tokens 32 --alphas 0.02,0.05
+    python -m agents.llm_eval --n-prompts 500 --timing-prompts 40 --batch-size 16   # all 500 held-out prompts
 
 1. Token caches (``cee_env.token_cache``) of training and held-out positions, built on first use.
 2. One ConsistentEE policy per alpha: ``agents.reinforce.train`` on ``cee/Alpaca-v0`` (frozen heads).
-3. Greedy decoding of held-out Alpaca prompts (the last 500 rows; never trained on) at full depth
-   and with every rule (``agents.llm_decode``, state copying on): ROUGE-L F1 against the full
+3. Quality: greedy decoding of held-out Alpaca prompts (the last 500 rows; never trained on) at full
+   depth and with every rule (``agents.llm_decode``, state copying on), in left-padded batches of
+   ``--batch-size`` (the outputs equal one-prompt-at-a-time decoding): ROUGE-L F1 against the full
    model's output and against the reference answer, average exit layer, layer speed-up
-   L / avg exit layer and measured tokens/s (its ratio to full depth = measured speed-up).
-4. A table, ``runs/llm/eval/results.json`` and ``runs/llm/eval/rouge_vs_speedup.png``.
+   L / avg exit layer.
+4. Speed: the first ``--timing-prompts`` prompts again one at a time (batch 1, the setting where
+   early exit saves time): tokens/s per rule, and its ratio to full depth = measured speed-up.
+5. A table, examples at about 2x and 5x layer speed-up (``examples.md``), ``results.json`` and
+   ``rouge_vs_speedup.png`` in ``runs/llm/eval`` (``--out``).
 """
 from __future__ import annotations
 
@@ -34,12 +38,20 @@ def rouge_l(preds: list[str], refs: list[str]) -> float:
     return float(np.mean([sc.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]))
 
 
-def decode_all(model, heads, tok, prompts, rule, max_new_tokens, eos):
-    from agents.llm_decode import generate
+def decode_all(model, heads, tok, prompts, rule, max_new_tokens, eos, batch_size: int = 1):
+    """Decode ``prompts`` in batches of ``batch_size`` (longest-first, so rows of a batch pad little);
+    texts come back in prompt order. ``seconds`` is the summed wall time of the batches' token loops."""
+    from agents.llm_decode import generate_batch
 
-    gens = [generate(model, heads, p, rule, max_new_tokens, eos) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    gens, secs = [None] * len(prompts), 0.0
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        out = generate_batch(model, heads, [prompts[j] for j in chunk], rule, max_new_tokens, eos)
+        secs += out[0].seconds
+        for j, g in zip(chunk, out):
+            gens[j] = g
     n_tok = sum(len(g.tokens) for g in gens)
-    secs = sum(g.seconds for g in gens)
     exits = [e for g in gens for e in g.exit_layers]
     texts = [tok.decode(g.tokens, skip_special_tokens=True) for g in gens]
     return {"texts": texts, "tokens": n_tok, "seconds": secs, "tokens_per_s": n_tok / max(secs, 1e-9),
@@ -63,7 +75,13 @@ def uniform_exit_prior(num_layers: int, state_dim: int, seed: int = 0):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-prompts", type=int, default=20, help="held-out prompts to decode")
+    p.add_argument("--n-prompts", type=int, default=20, help="held-out prompts to decode (at most 500)")
+    p.add_argument("--timing-prompts", type=int, default=20,
+                   help="of those, how many are decoded again one at a time to measure tokens/s")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch of the quality decode")
+    p.add_argument("--n-examples", type=int, default=2, help="example prompts per rule in examples.md")
+    p.add_argument("--policies-only", action="store_true",
+                   help="train the policies and print their dev token agreement / exit layer, decode nothing")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
     p.add_argument("--alphas", default="1,3,10", help="ConsistentEE depth penalties alpha (per layer; log p is in nats)")
     p.add_argument("--reward", default="hardness", help="reward of the policy (hardness = Eq 4, vanilla = Eq 3)")
@@ -74,6 +92,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-prompts", type=int, default=48, help="training prompts of the token cache")
     p.add_argument("--per-prompt", type=int, default=16, help="positions per prompt in the token caches")
     p.add_argument("--heads", default=None, help="exit-heads folder (default runs/llm/heads)")
+    p.add_argument("--model", default=None,
+                   help="HF causal-LM folder (default: the heads' LoRA-adapted model if any, else SmolLM2 GGUF)")
     p.add_argument("--out", default=None, help="output folder (default runs/llm/eval)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -83,19 +103,20 @@ def main(argv=None) -> dict:
 
     from agents.llm_decode import FullDepth, PolicyExit, Saturation, SoftmaxResponse, eos_token_ids
     from agents.reinforce import Args, train
-    from backbones.llm import ExitHeads, alpaca_rows, default_heads_dir, load_llm, prompt_ids
+    from backbones.llm import ExitHeads, alpaca_rows, default_heads_dir, heads_model, load_llm, prompt_ids
     from backbones.paths import runs_dir
     from cee_env.token_cache import get_token_cache
 
     out_dir = Path(a.out) if a.out else runs_dir() / "llm" / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    model, tok, info = load_llm()
+    model_path = heads_model(a.heads, a.model)
+    model, tok, info = load_llm(model_path)
     heads = ExitHeads.load(a.heads or default_heads_dir(), model)
     L = model.config.num_hidden_layers
 
     t = time.time()
-    ck = dict(per_prompt=a.per_prompt, heads_dir=a.heads)
+    ck = dict(per_prompt=a.per_prompt, heads_dir=a.heads, model=model_path)
     caches = {"train": get_token_cache("train", n_prompts=a.cache_prompts, **ck),
               "dev": get_token_cache("dev", n_prompts=max(8, a.cache_prompts // 2), **ck)}
     timings["token_caches"] = round(time.time() - t, 1)
@@ -114,53 +135,103 @@ def main(argv=None) -> dict:
         d = res["results"]["dev"]["consistentee"]
         print(f"alpha {alpha:g}: dev token agreement {100 * d['accuracy']:.1f}%  avg exit {d['avg_exit_layer']:.2f}/{L}")
     timings["policies"] = round(time.time() - t, 1)
+    if a.policies_only:
+        return {"policy_dev": {str(k): v for k, v in policy_dev.items()}, "timings_seconds": timings}
 
     rows = alpaca_rows("eval")[: a.n_prompts]
     prompts = [prompt_ids(tok, r) for r in rows]
     refs = [r["output"] for r in rows]
     eos = eos_token_ids(tok)
+    n_time = min(a.timing_prompts, len(prompts))
 
+    rules = [("full", None, FullDepth())]
+    rules += [("consistentee", al, PolicyExit(net, name=f"consistentee-a{al:g}")) for al, net in policies.items()]
+    rules += [("calm-softmax", th, SoftmaxResponse(th)) for th in _floats(a.softmax)]
+    rules += [("calm-saturation", th, Saturation(th)) for th in _floats(a.saturation)]
+
+    # quality: every prompt, batched
     t = time.time()
-    full = decode_all(model, heads, tok, prompts, FullDepth(), a.max_new_tokens, eos)
-    # Hugging Face's own greedy generate, for the speed reference (same prompts and lengths)
+    decoded = {}
+    for method, param, rule in rules:
+        t1 = time.time()
+        decoded[rule.name] = decode_all(model, heads, tok, prompts, rule, a.max_new_tokens, eos, a.batch_size)
+        decoded[rule.name]["wall_seconds"] = round(time.time() - t1, 1)
+        print(f"decoded {len(prompts)} prompts with {rule.name} (batch {a.batch_size}) in "
+              f"{decoded[rule.name]['wall_seconds']} s, avg exit {decoded[rule.name]['avg_exit_layer']:.2f}")
+    timings["decode_quality_batched"] = round(time.time() - t, 1)
+
+    # speed: the first n_time prompts one at a time
+    t = time.time()
+    timed = {name: decode_all(model, heads, tok, prompts[:n_time], rule, a.max_new_tokens, eos, 1)
+             for name, rule in ((r.name, r) for _, _, r in rules)}
     hf_tok, hf_s = 0, 0.0
-    for pr in prompts:
+    for pr in prompts[:n_time]:  # Hugging Face's own greedy generate, for the speed reference
         t1 = time.perf_counter()
         g = model.generate(torch.tensor([pr]), max_new_tokens=a.max_new_tokens, do_sample=False, eos_token_id=eos,
                            pad_token_id=eos[0])
         hf_s += time.perf_counter() - t1
         hf_tok += g.shape[1] - len(pr)
-    timings["full_depth_decode"] = round(time.time() - t, 1)
+    timings["decode_speed_batch1"] = round(time.time() - t, 1)
+    full, full_t = decoded["full"], timed["full"]
 
-    def row(name, method, param, r):
+    def row(method, param, name):
+        r, s1 = decoded[name], timed[name]
         return {"name": name, "method": method, "param": param, "avg_exit_layer": r["avg_exit_layer"],
-                "layer_speedup": L / r["avg_exit_layer"], "tokens_per_s": r["tokens_per_s"],
-                "measured_speedup": r["tokens_per_s"] / full["tokens_per_s"],
+                "layer_speedup": L / r["avg_exit_layer"], "tokens_per_s": s1["tokens_per_s"],
+                "measured_speedup": s1["tokens_per_s"] / full_t["tokens_per_s"],
+                "batched_tokens_per_s": r["tokens_per_s"],
                 "rougeL_vs_full": rouge_l(r["texts"], full["texts"]), "rougeL_vs_reference": rouge_l(r["texts"], refs),
-                "tokens": r["tokens"], "exit_hist": r["exit_hist"], "sample": r["texts"][0][:200]}
+                "tokens": r["tokens"], "exit_hist": r["exit_hist"], "wall_seconds": r["wall_seconds"],
+                "texts": r["texts"]}
 
-    results = [row("full depth", "full", None, full)]
-    t = time.time()
-    rules = [("consistentee", al, PolicyExit(net, name=f"consistentee-a{al:g}")) for al, net in policies.items()]
-    rules += [("calm-softmax", th, SoftmaxResponse(th)) for th in _floats(a.softmax)]
-    rules += [("calm-saturation", th, Saturation(th)) for th in _floats(a.saturation)]
-    for method, param, rule in rules:
-        r = row(rule.name, method, param, decode_all(model, heads, tok, prompts, rule, a.max_new_tokens, eos))
-        results.append(r)
-        print(f"{r['name']:<26} exit {r['avg_exit_layer']:5.2f}  x{r['layer_speedup']:.2f} layers  "
-              f"x{r['measured_speedup']:.2f} measured  ROUGE-L full {r['rougeL_vs_full']:.3f} ref {r['rougeL_vs_reference']:.3f}")
-    timings["early_exit_decode"] = round(time.time() - t, 1)
-
-    summary = {"load": info, "n_prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "num_layers": L,
-               "threads": a.threads, "full_tokens_per_s": full["tokens_per_s"],
+    results = [row(m, prm, rule.name) for m, prm, rule in rules]
+    examples = pick_examples(results, [pr["instruction"] + (("\n\n" + pr["input"]) if pr.get("input") else "")
+                                       for pr in rows], refs, a.n_examples)
+    summary = {"load": info, "n_prompts": len(prompts), "timing_prompts": n_time, "batch_size": a.batch_size,
+               "max_new_tokens": a.max_new_tokens, "num_layers": L, "threads": a.threads,
+               "heads": str(a.heads or default_heads_dir()), "full_tokens_per_s": full_t["tokens_per_s"],
+               "full_batched_tokens_per_s": full["tokens_per_s"],
                "hf_generate_tokens_per_s": hf_tok / max(hf_s, 1e-9), "timings_seconds": timings,
-               "policy_dev": {str(k): v for k, v in policy_dev.items()}, "results": results, "args": vars(a)}
+               "policy_dev": {str(k): v for k, v in policy_dev.items()}, "results": results, "examples": examples,
+               "args": vars(a)}
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, out_dir / "results.json")
+    (out_dir / "examples.md").write_text(examples_markdown(examples))
     plot(results, out_dir / "rouge_vs_speedup.png")
     print_table(summary)
+    print(f"\nexamples in {out_dir / 'examples.md'}")
     return summary
+
+
+def pick_examples(results: list[dict], instructions: list[str], refs: list[str], n: int = 2,
+                  targets: tuple[float, ...] = (2.0, 5.0)) -> list[dict]:
+    """For each target layer speed-up, the ConsistentEE and CALM rules nearest to it (in log ratio), with
+    their outputs for the first ``n`` prompts next to the full-depth output (the paper's Table 4)."""
+    full = next(r for r in results if r["method"] == "full")
+    out = []
+    for target in targets:
+        for method in ("consistentee", "calm-softmax", "calm-saturation"):
+            cands = [r for r in results if r["method"] == method]
+            if not cands:
+                continue
+            r = min(cands, key=lambda r: abs(np.log(r["layer_speedup"] / target)))
+            out.append({"target_speedup": target, "rule": r["name"], "layer_speedup": r["layer_speedup"],
+                        "measured_speedup": r["measured_speedup"], "rougeL_vs_full": r["rougeL_vs_full"],
+                        "prompts": [{"instruction": instructions[i], "reference": refs[i], "full": full["texts"][i],
+                                     "output": r["texts"][i]} for i in range(min(n, len(r["texts"])))]})
+    return out
+
+
+def examples_markdown(examples: list[dict]) -> str:
+    lines = ["# Early-exit generations next to full depth (held-out Alpaca prompts)", ""]
+    for e in examples:
+        lines += [f"## ~{e['target_speedup']:g}x: {e['rule']} (layer speed-up {e['layer_speedup']:.2f}x, "
+                  f"measured {e['measured_speedup']:.2f}x, ROUGE-L vs full {e['rougeL_vs_full']:.3f})", ""]
+        for p in e["prompts"]:
+            q = p["instruction"].replace("\n", " ")
+            lines += [f"- **Prompt:** {q}", f"  - full depth: {p['full']!r}", f"  - {e['rule']}: {p['output']!r}", ""]
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: list[dict], path: Path) -> None:

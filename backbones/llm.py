@@ -94,7 +94,9 @@ def load_llm(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike
 
 
 def decoder_parts(model):
-    """(layers, final_norm, lm_head, rotary_emb, embed_tokens) of a Llama-like causal LM."""
+    """(layers, final_norm, lm_head, rotary_emb, embed_tokens) of a Llama-like causal LM (or a peft wrapper)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     base = model.model
     return base.layers, base.norm, model.lm_head, base.rotary_emb, base.embed_tokens
 
@@ -130,6 +132,11 @@ def prompt_ids(tok, row: dict) -> list[int]:
 @torch.no_grad()
 def layer_states(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the full model on ``input_ids`` [1, T]: (states [T, L, H] after every layer, final logits [T, V])."""
+    return layer_states_grad(model, input_ids)
+
+
+def layer_states_grad(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`layer_states` without ``no_grad`` (for training LoRA adapters through the states)."""
     layers, *_ = decoder_parts(model)
     outs: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o)[0]))
@@ -331,6 +338,77 @@ def train_heads(heads: ExitHeads, states: np.ndarray, target: np.ndarray | None,
     return losses
 
 
+# --------------------------------------------------------------------------- LoRA on the backbone
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_train(model, heads: ExitHeads, seqs: list[tuple[list[int], int]], rank: int = 8, epochs: int = 1,
+               lr: float = 1e-4, head_lr: float = 1e-2, trans_lr: float = 1e-3, target: str = "soft",
+               seed: int = 0, progress: bool = True):
+    """Eq 1 with LoRA adapters (peft) on every linear layer of the backbone, trained together with the heads.
+
+    ``seqs``: (token ids, first response position) pairs; the states at positions ``first - 1 .. T - 2``
+    predict the response tokens. ``target``: ``soft`` (the original model's next-token distribution),
+    ``greedy`` (its argmax) or ``reference`` (the next token of the sequence). The original model is the
+    peft model with its adapters disabled, so the targets never move. One sequence per step.
+    Returns (the model with the adapters merged in, the loss of every step). Needs the backward pass
+    through the whole backbone: minutes per hundred sequences on a CPU.
+    """
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    if target not in ("soft", "greedy", "reference"):
+        raise ValueError(f"target must be soft, greedy or reference, got {target!r}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                          target_modules=list(LORA_TARGETS)))
+    pm.train()
+    lora = [p for n, p in pm.named_parameters() if "lora_" in n]
+    groups = [{"params": lora, "lr": lr},
+              {"params": [p for n, p in heads.named_parameters() if not n.startswith("trans_")], "lr": head_lr}]
+    if heads.affine:
+        groups.append({"params": [heads.trans_weight, heads.trans_bias], "lr": trans_lr})
+    opt = torch.optim.Adam(groups)
+    heads.train()
+    losses = []
+    bar = tqdm(total=epochs * len(seqs), desc="stage 1 (Eq 1, LoRA)", disable=not progress)
+    for _ in range(epochs):
+        for k in rng.permutation(len(seqs)):
+            ids, first = seqs[k]
+            x = torch.tensor([ids])
+            pos = torch.arange(first - 1, len(ids) - 1)
+            if target == "reference":
+                y = x[0, pos + 1]
+            else:
+                with torch.no_grad(), pm.disable_adapter():
+                    t_logits = pm(input_ids=x, use_cache=False).logits[0, pos]
+                y = torch.softmax(t_logits, -1) if target == "soft" else t_logits.argmax(-1)
+            states, _ = layer_states_grad(pm, x)
+            loss = eq1_loss(heads.logits(states[pos]), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    heads.eval()
+    merged = pm.merge_and_unload()
+    merged.eval().requires_grad_(False)
+    return merged, losses
+
+
+def alpaca_sequences(tok, rows: list[dict], n_prompts: int, max_response: int = 64) -> list[tuple[list[int], int]]:
+    """(prompt + reference answer + end-of-turn token ids, index of the first answer token) per row."""
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    out = []
+    for r in rows[:n_prompts]:
+        p = prompt_ids(tok, r)
+        out.append((p + tok(r["output"], add_special_tokens=False)["input_ids"][:max_response] + [eos], len(p)))
+    return out
+
+
 # --------------------------------------------------------------------------- stage 1 entry point
 @dataclass
 class Stage1Args:
@@ -346,11 +424,22 @@ class Stage1Args:
     batch: int = 32
     rank: int = 0
     affine: bool = False
+    lora_rank: int = 0
+    lora_lr: float = 1e-4
     max_response: int = 64
     seed: int = 0
     out: str | None = None
     data_dir: str | None = None
     threads: int = 1
+
+
+def heads_model(heads_dir: str | os.PathLike | None, model: str | None = None) -> str | None:
+    """The model a heads folder belongs to: ``model`` if given, else the adapted backbone that a LoRA
+    stage 1 saved with the heads (``"model"`` in exit_heads.json), else None (the packaged SmolLM2)."""
+    if model is not None:
+        return model
+    f = Path(heads_dir or default_heads_dir()) / "exit_heads.json"
+    return json.loads(f.read_text()).get("model") if f.is_file() else None
 
 
 def default_heads_dir() -> Path:
@@ -392,25 +481,40 @@ def stage1(args: Stage1Args) -> dict:
     model, tok, info = load_llm(args.model)
     timings["load"] = info["load_seconds"]
     t = time.time()
-    tr = cached_positions(model, tok, args.model, "train", args.n_prompts, args.per_prompt, args.seed,
-                          args.max_response, args.data_dir)
+    tr = None if args.lora_rank > 0 else cached_positions(model, tok, args.model, "train", args.n_prompts,
+                                                            args.per_prompt, args.seed, args.max_response, args.data_dir)
     ev = cached_positions(model, tok, args.model, "eval", args.eval_prompts, args.per_prompt, args.seed + 1,
                           args.max_response, args.data_dir)
     timings["hidden_states"] = round(time.time() - t, 1)
     heads = ExitHeads.from_model(model, rank=args.rank, affine=args.affine)
     before = head_agreement(heads, ev.states, ev.greedy)
     t = time.time()
-    y = None if args.loss == "soft" else (tr.greedy if args.target == "greedy" else tr.reference)
-    losses = train_heads(heads, tr.states, y, args.epochs, args.lr, args.batch, args.seed, trans_lr=args.trans_lr)
+    out = Path(args.out) if args.out else default_heads_dir()
+    extra = {}
+    if args.lora_rank > 0:
+        # the backbone changes: train on whole sequences, then measure on the adapted model's states
+        seqs = alpaca_sequences(tok, alpaca_rows("train", args.data_dir), args.n_prompts, args.max_response)
+        model, losses = lora_train(model, heads, seqs, args.lora_rank, args.epochs, args.lora_lr, args.lr,
+                                   args.trans_lr, "soft" if args.loss == "soft" else args.target, args.seed)
+        mdir = out / "model"
+        model.save_pretrained(mdir)
+        tok.save_pretrained(mdir)
+        extra["model"] = str(mdir)
+        ev = collect_positions(model, tok, alpaca_rows("eval", args.data_dir), args.eval_prompts, args.per_prompt,
+                               args.seed + 1, args.max_response)
+    else:
+        y = None if args.loss == "soft" else (tr.greedy if args.target == "greedy" else tr.reference)
+        losses = train_heads(heads, tr.states, y, args.epochs, args.lr, args.batch, args.seed,
+                             trans_lr=args.trans_lr)
     timings["train_heads"] = round(time.time() - t, 1)
     after = head_agreement(heads, ev.states, ev.greedy)
-    out = Path(args.out) if args.out else default_heads_dir()
-    res = {"args": asdict(args), "load": info, "timings_seconds": timings, "train_positions": len(tr.greedy),
+    n_train = sum(len(i) - f for i, f in seqs) if tr is None else len(tr.greedy)
+    res = {"args": asdict(args), "load": info, "timings_seconds": timings, "train_positions": n_train,
            "eval_positions": len(ev.greedy), "agreement_with_final_before": before.round(4).tolist(),
            "agreement_with_final_after": after.round(4).tolist(), "loss_first": losses[0], "loss_last": losses[-1]}
-    heads.save(out, extra={"stage1": {k: v for k, v in res.items() if k != "args"}})
+    heads.save(out, extra={**extra, "stage1": {k: v for k, v in res.items() if k != "args"}})
     (out / "stage1_results.json").write_text(json.dumps(res, indent=1))
-    print(f"\n{len(tr.greedy)} train / {len(ev.greedy)} held-out positions; timings {timings}")
+    print(f"\n{n_train} train / {len(ev.greedy)} held-out positions; timings {timings}")
     print("layer  agree-before  agree-after   (held-out, vs the full model's greedy next token)")
     for l in range(len(before)):
         print(f"{l + 1:5d}  {100 * before[l]:11.1f}%  {100 * after[l]:10.1f}%")
@@ -435,6 +539,10 @@ def main(argv=None) -> dict:
     p.add_argument("--rank", type=int, default=0, help="low-rank adapter per head (0 = off)")
     p.add_argument("--affine", action="store_true", help="a full affine translator per head (tuned lens)")
     p.add_argument("--trans-lr", type=float, default=1e-3, help="Adam learning rate of the affine translators")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="also train LoRA adapters of this rank on the backbone (peft; needs a backward pass through "
+                        "the model: slow on a CPU). The adapted model is saved in <out>/model")
+    p.add_argument("--lora-lr", type=float, default=1e-4, help="Adam learning rate of the LoRA adapters")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="output folder (default runs/llm/heads)")
     p.add_argument("--data-dir", default=None, help="data directory (default $CEE_DATA_DIR or ../shared/data)")

@@ -83,6 +83,7 @@ def get_token_cache(split: str = "train", n_prompts: int | None = None, per_prom
     if not (hd / "exit_heads.safetensors").is_file():
         raise FileNotFoundError(f"no trained exit heads in {hd}; run `python -m backbones.llm` first "
                                 "(or pass heads_dir=)")
+    model = llm.heads_model(hd, model)
     parts = {"heads": _sha(hd / "exit_heads.safetensors"), "model": model or "smollm2-gguf", "split": rows_split,
              "n": n_prompts, "per": per_prompt, "target": target, "offset": offset, "seed": seed, "v": 1}
     fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

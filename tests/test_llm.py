@@ -295,3 +295,57 @@ def test_batched_decoding_equals_one_prompt_at_a_time(lively_llama, kind):
         assert len({g.exit_layers[0] for g in alone}) >= 2
         assert any(len(set(g.exit_layers)) >= 2 for g in alone)
         assert any(len(g.tokens) < 9 for g in alone)  # a row stops at its end-of-sequence token
+
+
+def test_eval_decode_all_batches_keep_prompt_order(lively_llama):
+    from agents.llm_decode import PolicyExit
+    from agents.llm_eval import decode_all, pick_examples
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    model, heads = lively_llama
+    prompts = [[5, 17, 42], [9, 1, 4, 4, 8, 2], [64], [11, 4, 60, 2], [3, 3]]
+    rule = PolicyExit(_mixed_policy())
+    one = decode_all(model, heads, Tok(), prompts, rule, 6, [6], batch_size=1)
+    three = decode_all(model, heads, Tok(), prompts, rule, 6, [6], batch_size=3)
+    assert one["texts"] == three["texts"] and one["tokens"] == three["tokens"]
+    assert one["avg_exit_layer"] == three["avg_exit_layer"] and sum(one["exit_hist"]) == one["tokens"]
+    results = [{"method": "full", "name": "full", "layer_speedup": 1.0, "measured_speedup": 1.0,
+                "rougeL_vs_full": 1.0, "texts": ["a", "b"]}]
+    results += [{"method": "consistentee", "name": f"c{x}", "layer_speedup": x, "measured_speedup": x / 2,
+                 "rougeL_vs_full": 1 / x, "texts": [f"c{x}a", f"c{x}b"]} for x in (1.5, 2.5, 4.0, 7.0)]
+    ex = pick_examples(results, ["p1", "p2"], ["r1", "r2"], n=1)
+    assert [(e["target_speedup"], e["rule"]) for e in ex] == [(2.0, "c2.5"), (5.0, "c4.0")]
+    assert ex[0]["prompts"] == [{"instruction": "p1", "reference": "r1", "full": "a", "output": "c2.5a"}]
+
+
+def test_lora_stage1_trains_adapters_and_heads_and_merges(tmp_path):
+    """LoRA on the backbone (peft) with Eq 1 over the heads: the loss falls, the last head stays the model's own
+    output, and the merged model saved to disk reproduces the adapted model's states."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from backbones.llm import ExitHeads, heads_model, layer_states, lora_train
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    model.lm_head.weight.mul_(10)
+    heads = ExitHeads.from_model(model)
+    g = torch.Generator().manual_seed(1)
+    seqs = [(torch.randint(0, 100, (12,), generator=g).tolist(), 5) for _ in range(6)]
+    ids = torch.tensor([seqs[0][0]])
+    before, _ = layer_states(model, ids)
+    merged, losses = lora_train(model, heads, seqs, rank=2, epochs=8, lr=1e-2, head_lr=1e-2, target="greedy",
+                                progress=False)
+    assert np.mean(losses[-6:]) < np.mean(losses[:6])
+    after, logits = layer_states(merged, ids)
+    assert not torch.allclose(after, before)  # the adapters changed the backbone
+    torch.testing.assert_close(heads.logits(after[:, -1], 3), logits, atol=1e-4, rtol=1e-4)
+    merged.save_pretrained(tmp_path / "model")
+    heads.save(tmp_path, extra={"model": str(tmp_path / "model")})
+    assert heads_model(tmp_path) == str(tmp_path / "model")
+    again, _ = layer_states(LlamaForCausalLM.from_pretrained(tmp_path / "model").eval(), ids)
+    torch.testing.assert_close(again, after)
