@@ -299,6 +299,15 @@ def head_agreement(heads: ExitHeads, states: np.ndarray, target: np.ndarray, bat
     return hits / len(states)
 
 
+def _step(opt, loss: torch.Tensor, losses: list[float], bar) -> None:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+    bar.update()
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def train_heads(heads: ExitHeads, states: np.ndarray, target: np.ndarray | None, epochs: int = 2, lr: float = 1e-2,
                 batch: int = 32, seed: int = 0, progress: bool = True, trans_lr: float = 1e-3) -> list[float]:
     """Eq 1 on cached states (the backbone is not touched). Returns the loss of every step.
@@ -327,12 +336,7 @@ def train_heads(heads: ExitHeads, states: np.ndarray, target: np.ndarray | None,
             else:
                 y = torch.as_tensor(target[ids])
             loss = eq1_loss(heads.logits(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            _step(opt, loss, losses, bar)
     bar.close()
     heads.eval()
     return losses
@@ -386,12 +390,7 @@ def lora_train(model, heads: ExitHeads, seqs: list[tuple[list[int], int]], rank:
                 y = torch.softmax(t_logits, -1) if target == "soft" else t_logits.argmax(-1)
             states, _ = layer_states_grad(pm, x)
             loss = eq1_loss(heads.logits(states[pos]), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            _step(opt, loss, losses, bar)
     bar.close()
     heads.eval()
     merged = pm.merge_and_unload()
