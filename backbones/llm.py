@@ -1,6 +1,7 @@
 """A decoder-only LLM (SmolLM2-135M-Instruct) with an exit head after every layer (issue 8).
 
-    python -m backbones.llm --n-prompts 48 --per-prompt 16 --epochs 2
+    python -m backbones.llm                                  # defaults: affine heads, soft labels, 500 prompts
+    python -m backbones.llm --no-affine --loss hard --n-prompts 48 --per-prompt 16   # norm-only heads
 
 - :func:`load_llm` loads the packaged GGUF (de-quantised to float32) once and caches it as
   safetensors + tokenizer under ``runs/llm/smollm2/``; later loads read that folder. Any
@@ -412,17 +413,17 @@ def alpaca_sequences(tok, rows: list[dict], n_prompts: int, max_response: int = 
 @dataclass
 class Stage1Args:
     model: str | None = None
-    n_prompts: int = 48
-    per_prompt: int = 16
-    eval_prompts: int = 24
+    n_prompts: int = 500
+    per_prompt: int = 0
+    eval_prompts: int = 30
     target: str = "greedy"
-    loss: str = "hard"
+    loss: str = "soft"
     epochs: int = 2
     lr: float = 1e-2
     trans_lr: float = 1e-3
     batch: int = 32
     rank: int = 0
-    affine: bool = False
+    affine: bool = True
     lora_rank: int = 0
     lora_lr: float = 1e-4
     max_response: int = 64
@@ -524,19 +525,20 @@ def stage1(args: Stage1Args) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF causal-LM folder/name (default: the packaged SmolLM2 GGUF)")
-    p.add_argument("--n-prompts", type=int, default=48, help="training prompts (Alpaca rows, excluding the last 500)")
-    p.add_argument("--per-prompt", type=int, default=16, help="response positions sampled per prompt (0 = all)")
+    p.add_argument("--n-prompts", type=int, default=500, help="training prompts (Alpaca rows, excluding the last 500)")
+    p.add_argument("--per-prompt", type=int, default=0, help="response positions sampled per prompt (0 = all)")
     p.add_argument("--max-response", type=int, default=64, help="reference-answer tokens teacher-forced per prompt")
-    p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts for head agreement")
+    p.add_argument("--eval-prompts", type=int, default=30, help="held-out prompts for head agreement")
     p.add_argument("--target", default="greedy", choices=["greedy", "reference"],
                    help="train on the full model's greedy next token or the reference token (--loss hard)")
-    p.add_argument("--loss", default="hard", choices=["hard", "soft"],
+    p.add_argument("--loss", default="soft", choices=["hard", "soft"],
                    help="hard: Eq 1 on one target token; soft: on the full model's next-token distribution")
     p.add_argument("--epochs", type=int, default=2, help="passes over the cached positions")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the heads")
     p.add_argument("--batch", type=int, default=32, help="positions per step (x L layers)")
     p.add_argument("--rank", type=int, default=0, help="low-rank adapter per head (0 = off)")
-    p.add_argument("--affine", action="store_true", help="a full affine translator per head (tuned lens)")
+    p.add_argument("--affine", action=argparse.BooleanOptionalAction, default=True,
+                   help="a full affine translator per head (tuned lens); --no-affine: a trained norm only")
     p.add_argument("--trans-lr", type=float, default=1e-3, help="Adam learning rate of the affine translators")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="also train LoRA adapters of this rank on the backbone (peft; needs a backward pass through "
