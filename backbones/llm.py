@@ -522,6 +522,33 @@ def stage1(args: Stage1Args) -> dict:
     return res
 
 
+def compare_heads(folders: list[str], eval_prompts: int = 30, per_prompt: int = 0, max_response: int = 64,
+                  seed: int = 1, data_dir: str | None = None, threads: int = 1,
+                  layers: tuple[int, ...] = (1, 5, 10, 15, 20, 22, 24, 26, 28, 29)) -> dict:
+    """Held-out agreement with the full model's greedy token, per layer, of untrained heads and of every
+    heads folder, all on the same positions (the first ``eval_prompts`` held-out prompts). Writes
+    ``runs/llm/heads_comparison.json``."""
+    from backbones.paths import runs_dir
+
+    torch.set_num_threads(threads)
+    model, tok, _ = load_llm(verbose=False)
+    ev = cached_positions(model, tok, None, "eval", eval_prompts, per_prompt, seed, max_response, data_dir)
+    rows = {"untrained": head_agreement(ExitHeads.from_model(model), ev.states, ev.greedy)}
+    for f in folders:
+        if heads_model(f) is not None:
+            raise ValueError(f"{f} belongs to a LoRA-adapted model; compare it on that model's states instead")
+        rows[str(f)] = head_agreement(ExitHeads.load(f, model), ev.states, ev.greedy)
+    print(f"held-out agreement with the full model's next token ({len(ev.greedy)} positions), per layer")
+    print(f"{'heads':<40}" + "".join(f"{l:>6d}" for l in layers) + "  mean")
+    for name, agr in rows.items():
+        print(f"{name[-40:]:<40}" + "".join(f"{100 * agr[l - 1]:6.1f}" for l in layers) + f"{100 * agr[:-1].mean():6.1f}")
+    res = {"positions": len(ev.greedy), "eval_prompts": eval_prompts,
+           "agreement": {k: v.round(4).tolist() for k, v in rows.items()}}
+    (runs_dir() / "llm").mkdir(parents=True, exist_ok=True)
+    (runs_dir() / "llm" / "heads_comparison.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF causal-LM folder/name (default: the packaged SmolLM2 GGUF)")
@@ -548,7 +575,14 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="output folder (default runs/llm/heads)")
     p.add_argument("--data-dir", default=None, help="data directory (default $CEE_DATA_DIR or ../shared/data)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--compare", nargs="+", default=None, metavar="HEADS_DIR",
+                   help="train nothing: print the held-out agreement per layer of these heads folders (and of "
+                        "untrained heads) on the same positions")
     a = p.parse_args(argv)
+    if a.compare:
+        return compare_heads(a.compare, a.eval_prompts, a.per_prompt, a.max_response, a.seed + 1, a.data_dir,
+                             a.threads)
+    a = argparse.Namespace(**{k: v for k, v in vars(a).items() if k != "compare"})
     return stage1(Stage1Args(**{k.replace("-", "_"): v for k, v in vars(a).items()}))
 
 

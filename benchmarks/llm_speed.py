@@ -5,7 +5,9 @@
 Static exit rules (every token exits at layer t) are timed round-robin per prompt, so a change of machine
 load hits every configuration alike; also Hugging Face's greedy ``generate`` and the CALM softmax
 rule's per-layer lm_head overhead (threshold 2.0: never exits, so it pays one lm_head per layer).
-Prints tokens/s and the speed-up over full depth; writes runs/llm/speed.json.
+With ``--batch-sizes 4,16`` the static rules are also timed on left-padded batches (``generate_batch``:
+tokens/s counts every row's tokens). Prints tokens/s and the speed-up over full depth; writes
+runs/llm/speed.json.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per prompt (no EOS stop)")
     p.add_argument("--layers", default="5,10,15,20,25,30", help="static exit layers to time")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--batch-sizes", default="", help="also time the static rules on batches of these sizes")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from agents.llm_decode import FullDepth, SoftmaxResponse, StaticExit, generate
+    from agents.llm_decode import FullDepth, SoftmaxResponse, StaticExit, generate, generate_batch
     from backbones.llm import ExitHeads, alpaca_rows, load_llm, prompt_ids
     from backbones.paths import runs_dir
 
@@ -46,12 +49,22 @@ def main(argv=None) -> dict:
                              do_sample=False, pad_token_id=tok.eos_token_id)
         secs["hf generate"] += time.perf_counter() - t0
         tokens["hf generate"] += out.shape[1] - len(pr)
+    for bs in [int(b) for b in a.batch_sizes.split(",") if b.strip()]:
+        batch = [prompts[i % len(prompts)] for i in range(bs)]
+        for t in [*a.layers.split(","), "full"]:
+            name = f"batch {bs}: " + (f"static-{t}" if t != "full" else "full")
+            outs = generate_batch(model, heads, batch, StaticExit(int(t)) if t != "full" else FullDepth(),
+                                  a.max_new_tokens)
+            tokens[name], secs[name] = sum(len(g.tokens) for g in outs), outs[0].seconds
     tps = {k: tokens[k] / secs[k] for k in tokens}
-    base = tps["full (own loop)"]
+
+    def base(k: str) -> float:  # batched rows against full depth at the same batch size
+        return tps[k.split(":")[0] + ": full"] if k.startswith("batch ") else tps["full (own loop)"]
+
     print(f"{'config':<34} {'tokens/s':>8} {'speed-up':>8}")
     for k, v in tps.items():
-        print(f"{k:<34} {v:8.1f} {v / base:8.2f}")
-    res = {"tokens_per_s": tps, "speedup_vs_full": {k: v / base for k, v in tps.items()}, "args": vars(a)}
+        print(f"{k:<34} {v:8.1f} {v / base(k):8.2f}")
+    res = {"tokens_per_s": tps, "speedup_vs_full": {k: v / base(k) for k, v in tps.items()}, "args": vars(a)}
     (runs_dir() / "llm").mkdir(parents=True, exist_ok=True)
     (runs_dir() / "llm" / "speed.json").write_text(json.dumps(res, indent=1))
     return res
