@@ -27,15 +27,53 @@ import numpy as np
 import torch
 
 
+def runs_dir_default() -> Path:
+    from backbones.paths import runs_dir
+
+    return runs_dir() / "llm" / "eval"
+
+
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
 
 def rouge_l(preds: list[str], refs: list[str]) -> float:
+    """Mean ROUGE-L F1. Identical texts score 1 (rouge_score keeps only [a-z0-9] words, so a text of symbols
+    or non-Latin script alone would otherwise score 0 against itself)."""
     from rouge_score import rouge_scorer
 
     sc = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(np.mean([sc.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]))
+    return float(np.mean([1.0 if p.strip() == r.strip() else sc.score(r, p)["rougeL"].fmeasure
+                          for p, r in zip(preds, refs)]))
+
+
+def rescore(out_dir: Path, n_examples: int = 2) -> dict:
+    """Recompute ROUGE-L, the table, the examples and the plot of a finished run from its results.json
+    (the decoded texts are stored there; nothing is decoded again)."""
+    from backbones.llm import alpaca_rows
+
+    s = json.loads((out_dir / "results.json").read_text())
+    rows = alpaca_rows("eval")[: s["n_prompts"]]
+    refs = [r["output"] for r in rows]
+    full = next(r for r in s["results"] if r["method"] == "full")
+    for r in s["results"]:
+        r["rougeL_vs_full"] = rouge_l(r["texts"], full["texts"])
+        r["rougeL_vs_reference"] = rouge_l(r["texts"], refs)
+    s["examples"] = pick_examples(s["results"], [pr["instruction"] + (("\n\n" + pr["input"]) if pr.get("input") else "")
+                                                 for pr in rows], refs, n_examples)
+    write_outputs(s, out_dir)
+    return s
+
+
+def write_outputs(summary: dict, out_dir: Path) -> None:
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out_dir / "results.json")
+    (out_dir / "examples.md").write_text(examples_markdown(summary["examples"]))
+    (out_dir / "table.md").write_text(markdown_table(summary))
+    plot(summary["results"], out_dir / "rouge_vs_speedup.png")
+    print_table(summary)
+    print(f"\nexamples in {out_dir / 'examples.md'}, table in {out_dir / 'table.md'}")
 
 
 def decode_all(model, heads, tok, prompts, rule, max_new_tokens, eos, batch_size: int = 1):
@@ -83,13 +121,13 @@ def main(argv=None) -> dict:
     p.add_argument("--policies-only", action="store_true",
                    help="train the policies and print their dev token agreement / exit layer, decode nothing")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
-    p.add_argument("--alphas", default="1,3,10", help="ConsistentEE depth penalties alpha (per layer; log p is in nats)")
+    p.add_argument("--alphas", default="0.25,0.5,0.6,0.7,0.8,0.9", help="ConsistentEE depth penalties alpha (per layer; log p is in nats)")
     p.add_argument("--reward", default="hardness", help="reward of the policy (hardness = Eq 4, vanilla = Eq 3)")
     p.add_argument("--policy-epochs", type=int, default=10, help="REINFORCE epochs per alpha")
     p.add_argument("--policy-lr", type=float, default=1e-3, help="REINFORCE learning rate")
-    p.add_argument("--softmax", default="0.9,0.7,0.5", help="CALM softmax-response thresholds (top1 - top2)")
-    p.add_argument("--saturation", default="0.995,0.99,0.98", help="CALM hidden-state saturation thresholds")
-    p.add_argument("--cache-prompts", type=int, default=48, help="training prompts of the token cache")
+    p.add_argument("--softmax", default="0.9,0.5,0.2", help="CALM softmax-response thresholds (top1 - top2)")
+    p.add_argument("--saturation", default="0.995,0.98,0.95", help="CALM hidden-state saturation thresholds")
+    p.add_argument("--cache-prompts", type=int, default=200, help="training prompts of the token cache")
     p.add_argument("--per-prompt", type=int, default=16, help="positions per prompt in the token caches")
     p.add_argument("--heads", default=None, help="exit-heads folder (default runs/llm/heads)")
     p.add_argument("--model", default=None,
@@ -97,7 +135,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="output folder (default runs/llm/eval)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--rescore", action="store_true",
+                   help="decode nothing: recompute the scores, table, examples and plot of the run in --out")
     a = p.parse_args(argv)
+    if a.rescore:
+        return rescore(Path(a.out) if a.out else runs_dir_default(), a.n_examples)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
 
@@ -107,7 +149,7 @@ def main(argv=None) -> dict:
     from backbones.paths import runs_dir
     from cee_env.token_cache import get_token_cache
 
-    out_dir = Path(a.out) if a.out else runs_dir() / "llm" / "eval"
+    out_dir = Path(a.out) if a.out else runs_dir_default()
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     model_path = heads_model(a.heads, a.model)
@@ -194,13 +236,7 @@ def main(argv=None) -> dict:
                "hf_generate_tokens_per_s": hf_tok / max(hf_s, 1e-9), "timings_seconds": timings,
                "policy_dev": {str(k): v for k, v in policy_dev.items()}, "results": results, "examples": examples,
                "args": vars(a)}
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / "results.json")
-    (out_dir / "examples.md").write_text(examples_markdown(examples))
-    plot(results, out_dir / "rouge_vs_speedup.png")
-    print_table(summary)
-    print(f"\nexamples in {out_dir / 'examples.md'}")
+    write_outputs(summary, out_dir)
     return summary
 
 
@@ -253,6 +289,16 @@ def plot(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path.with_suffix(".tmp.png"), dpi=110)
     os.replace(path.with_suffix(".tmp.png"), path)
+
+
+def markdown_table(s: dict) -> str:
+    """The results as a Markdown table (what the README shows)."""
+    lines = ["| rule | avg exit layer (of 30) | layer speed-up | tokens/s (batch 1) | measured speed-up | "
+             "ROUGE-L vs full output | ROUGE-L vs reference |", "|---|---|---|---|---|---|---|"]
+    for r in s["results"]:
+        lines.append(f"| {r['name']} | {r['avg_exit_layer']:.2f} | {r['layer_speedup']:.2f}x | {r['tokens_per_s']:.1f} | "
+                     f"{r['measured_speedup']:.2f}x | {r['rougeL_vs_full']:.3f} | {r['rougeL_vs_reference']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(s: dict) -> None:

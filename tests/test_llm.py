@@ -349,3 +349,10 @@ def test_lora_stage1_trains_adapters_and_heads_and_merges(tmp_path):
     assert heads_model(tmp_path) == str(tmp_path / "model")
     again, _ = layer_states(LlamaForCausalLM.from_pretrained(tmp_path / "model").eval(), ids)
     torch.testing.assert_close(again, after)
+
+
+def test_rouge_l_identical_texts_score_one_even_without_latin_words():
+    from agents.llm_eval import rouge_l
+
+    assert rouge_l(["你好，世界", "a b c"], ["你好，世界", "a b c"]) == 1.0
+    assert rouge_l(["the cat sat"], ["the dog sat"]) < 1.0
