@@ -33,6 +33,18 @@ def runs_dir_default() -> Path:
     return runs_dir() / "llm" / "eval"
 
 
+def policy_points(s: str) -> list[tuple[float, float]]:
+    """``"0.8:0.3,0.85:0.9"`` -> [(0.8, 0.3), (0.85, 0.9)]: (alpha, exit threshold on pi) pairs."""
+    out = []
+    for item in (x.strip() for x in s.split(",")):
+        if item:
+            al, _, th = item.partition(":")
+            if not th:
+                raise ValueError(f"policy point {item!r} is not ALPHA:THRESHOLD")
+            out.append((float(al), float(th)))
+    return out
+
+
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
@@ -125,6 +137,9 @@ def main(argv=None) -> dict:
     p.add_argument("--reward", default="hardness", help="reward of the policy (hardness = Eq 4, vanilla = Eq 3)")
     p.add_argument("--policy-epochs", type=int, default=10, help="REINFORCE epochs per alpha")
     p.add_argument("--policy-lr", type=float, default=1e-3, help="REINFORCE learning rate")
+    p.add_argument("--policy-points", default="",
+                   help="extra ConsistentEE rules ALPHA:THRESHOLD,... (that alpha's policy exiting when pi > THRESHOLD "
+                        "instead of 0.5; the alpha must be in --alphas)")
     p.add_argument("--softmax", default="0.9,0.5,0.2", help="CALM softmax-response thresholds (top1 - top2)")
     p.add_argument("--saturation", default="0.995,0.98,0.95", help="CALM hidden-state saturation thresholds")
     p.add_argument("--cache-prompts", type=int, default=200, help="training prompts of the token cache")
@@ -188,6 +203,10 @@ def main(argv=None) -> dict:
 
     rules = [("full", None, FullDepth())]
     rules += [("consistentee", al, PolicyExit(net, name=f"consistentee-a{al:g}")) for al, net in policies.items()]
+    for al, th in policy_points(a.policy_points):
+        if al not in policies:
+            raise ValueError(f"--policy-points {al:g}:{th:g}: alpha {al:g} is not in --alphas")
+        rules.append(("consistentee", al, PolicyExit(policies[al], th, name=f"consistentee-a{al:g}-pi{th:g}")))
     rules += [("calm-softmax", th, SoftmaxResponse(th)) for th in _floats(a.softmax)]
     rules += [("calm-saturation", th, Saturation(th)) for th in _floats(a.saturation)]
 

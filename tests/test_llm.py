@@ -356,3 +356,12 @@ def test_rouge_l_identical_texts_score_one_even_without_latin_words():
 
     assert rouge_l(["你好，世界", "a b c"], ["你好，世界", "a b c"]) == 1.0
     assert rouge_l(["the cat sat"], ["the dog sat"]) < 1.0
+
+
+def test_policy_points_parse():
+    from agents.llm_eval import policy_points
+
+    assert policy_points("0.8:0.3, 0.85:0.9") == [(0.8, 0.3), (0.85, 0.9)]
+    assert policy_points("") == []
+    with pytest.raises(ValueError):
+        policy_points("0.8")
