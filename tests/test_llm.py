@@ -365,3 +365,18 @@ def test_policy_points_parse():
     assert policy_points("") == []
     with pytest.raises(ValueError):
         policy_points("0.8")
+
+
+@pytest.mark.parametrize("preset", [None, "COMPATIBLE"])
+def test_packages_ask_mkl_for_alignment_independent_results(preset):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    if preset:
+        env["MKL_CBWR"] = preset
+    for pkg in ("agents", "backbones", "cee_env"):
+        out = subprocess.run([sys.executable, "-c", f"import os, {pkg}; print(os.environ['MKL_CBWR'])"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == (preset or "AUTO,STRICT")
