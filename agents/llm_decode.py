@@ -194,8 +194,9 @@ def generate_batch(model, heads: ExitHeads, prompts: list[list[int]], rule: Exit
                 copy_state_kv(layers, h, l, pe, cache)
                 break
             prev = h[:, -1]
-        need = [i for i in range(B) if i not in rule_logits]
-        nxt = torch.empty(B, dtype=torch.long)
+        # the next token of every row still generating (finished rows get a placeholder, never used)
+        need = [i for i in (~done).nonzero().flatten().tolist() if i not in rule_logits]
+        nxt = torch.zeros(B, dtype=torch.long)
         if need:
             nxt[need] = heads.logits(h[need, -1], exit_layer[need]).argmax(-1)
         for i, lg in rule_logits.items():

@@ -62,7 +62,7 @@ def rouge_l(preds: list[str], refs: list[str]) -> float:
 def rescore(out_dir: Path, n_examples: int = 2) -> dict:
     """Recompute ROUGE-L, the table, the examples and the plot of a finished run from its results.json
     (the decoded texts are stored there; nothing is decoded again)."""
-    from backbones.llm import alpaca_rows
+    from backbones.llm import alpaca_rows, instruction_text
 
     s = json.loads((out_dir / "results.json").read_text())
     rows = alpaca_rows("eval")[: s["n_prompts"]]
@@ -71,8 +71,7 @@ def rescore(out_dir: Path, n_examples: int = 2) -> dict:
     for r in s["results"]:
         r["rougeL_vs_full"] = rouge_l(r["texts"], full["texts"])
         r["rougeL_vs_reference"] = rouge_l(r["texts"], refs)
-    s["examples"] = pick_examples(s["results"], [pr["instruction"] + (("\n\n" + pr["input"]) if pr.get("input") else "")
-                                                 for pr in rows], refs, n_examples)
+    s["examples"] = pick_examples(s["results"], [instruction_text(pr) for pr in rows], refs, n_examples)
     write_outputs(s, out_dir)
     return s
 
@@ -160,8 +159,8 @@ def main(argv=None) -> dict:
 
     from agents.llm_decode import FullDepth, PolicyExit, Saturation, SoftmaxResponse, eos_token_ids
     from agents.reinforce import Args, train
-    from backbones.llm import ExitHeads, alpaca_rows, default_heads_dir, heads_model, load_llm, prompt_ids
-    from backbones.paths import runs_dir
+    from backbones.llm import (ExitHeads, alpaca_rows, default_heads_dir, heads_model, instruction_text, load_llm,
+                               prompt_ids)
     from cee_env.token_cache import get_token_cache
 
     out_dir = Path(a.out) if a.out else runs_dir_default()
@@ -223,8 +222,8 @@ def main(argv=None) -> dict:
 
     # speed: the first n_time prompts one at a time
     t = time.time()
-    timed = {name: decode_all(model, heads, tok, prompts[:n_time], rule, a.max_new_tokens, eos, 1)
-             for name, rule in ((r.name, r) for _, _, r in rules)}
+    timed = {rule.name: decode_all(model, heads, tok, prompts[:n_time], rule, a.max_new_tokens, eos, 1)
+             for _, _, rule in rules}
     hf_tok, hf_s = 0, 0.0
     for pr in prompts[:n_time]:  # Hugging Face's own greedy generate, for the speed reference
         t1 = time.perf_counter()
@@ -246,8 +245,7 @@ def main(argv=None) -> dict:
                 "texts": r["texts"]}
 
     results = [row(m, prm, rule.name) for m, prm, rule in rules]
-    examples = pick_examples(results, [pr["instruction"] + (("\n\n" + pr["input"]) if pr.get("input") else "")
-                                       for pr in rows], refs, a.n_examples)
+    examples = pick_examples(results, [instruction_text(pr) for pr in rows], refs, a.n_examples)
     summary = {"load": info, "n_prompts": len(prompts), "timing_prompts": n_time, "batch_size": a.batch_size,
                "max_new_tokens": a.max_new_tokens, "num_layers": L, "threads": a.threads,
                "heads": str(a.heads or default_heads_dir()), "full_tokens_per_s": full_t["tokens_per_s"],

@@ -173,7 +173,8 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
             loss.backward()
             opt.step()
             update += 1
-            steps += int(alv.sum())
+            n_steps = int(alv.sum())
+            steps += n_steps
             with torch.no_grad():
                 pr = torch.sigmoid(logits)
                 ent = -(pr * torch.log(pr + 1e-8) + (1 - pr) * torch.log(1 - pr + 1e-8))
@@ -185,7 +186,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
             writer.add_scalar("charts/epsilon", eps, update)
             writer.add_scalar("losses/policy_loss", loss.item(), update)
             curve.append((steps, float(returns.mean())))
-            bar.update(int(alv.sum()) if budget else 1)
+            bar.update(n_steps if budget else 1)
             bar.set_postfix(reward=f"{returns.mean():.3f}", exit=f"{exit_layer.mean():.2f}", eps=f"{eps:.2f}")
         epoch += 1
         if epoch % args.eval_every == 0 or (not budget and epoch == args.epochs):

@@ -118,9 +118,14 @@ def alpaca_rows(split: str = "train", data_dir: str | None = None) -> list[dict]
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
 
 
+def instruction_text(row: dict) -> str:
+    """An Alpaca row's user message: the instruction, then its input (if any) after a blank line."""
+    return row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
+
+
 def prompt_ids(tok, row: dict) -> list[int]:
     """The chat-formatted user turn of an Alpaca row, ending with the assistant header."""
-    text = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
+    text = instruction_text(row)
     msgs = [{"role": "user", "content": text}]
     if getattr(tok, "chat_template", None):
         out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
@@ -168,14 +173,12 @@ def collect_positions(model, tok, rows: list[dict], n_prompts: int, per_prompt: 
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
-    eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
     S, G, R, P = [], [], [], []
-    for k in tqdm(range(min(n_prompts, len(rows))), desc="hidden states", disable=not progress):
-        p = prompt_ids(tok, rows[k])
-        resp = tok(rows[k]["output"], add_special_tokens=False)["input_ids"][:max_response] + [eos]
-        ids = torch.tensor([p + resp])
+    seqs = alpaca_sequences(tok, rows, n_prompts, max_response)
+    for k, (seq, first) in enumerate(tqdm(seqs, desc="hidden states", disable=not progress)):
+        ids = torch.tensor([seq])
         states, logits = layer_states(model, ids)
-        pos = np.arange(len(p) - 1, ids.shape[1] - 1)
+        pos = np.arange(first - 1, ids.shape[1] - 1)
         if per_prompt > 0:
             pos = np.sort(rng.choice(pos, size=min(per_prompt, len(pos)), replace=False))
         S.append(states[pos].float().numpy())
@@ -250,6 +253,14 @@ class ExitHeads(nn.Module):
             x = x + ((x.unsqueeze(-2) @ self.down[layers]) @ self.up[layers]).squeeze(-2)
         return x
 
+    def param_groups(self, lr: float, trans_lr: float) -> list[dict]:
+        """Adam parameter groups: the norms and adapters at ``lr``, the affine translators at ``trans_lr``."""
+        named = list(self.named_parameters())
+        groups = [{"params": [p for n, p in named if not n.startswith("trans_")], "lr": lr}]
+        if self.affine:
+            groups.append({"params": [self.trans_weight, self.trans_bias], "lr": trans_lr})
+        return groups
+
     def logits(self, states: torch.Tensor, layers: torch.Tensor | int | None = None) -> torch.Tensor:
         return self.normed(states, layers) @ self.lm_head_weight.T
 
@@ -318,10 +329,7 @@ def train_heads(heads: ExitHeads, states: np.ndarray, target: np.ndarray | None,
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
-    trans = [p for n, p in heads.named_parameters() if n.startswith("trans_")]
-    rest = [p for n, p in heads.named_parameters() if not n.startswith("trans_")]
-    groups = [{"params": rest, "lr": lr}] + ([{"params": trans, "lr": trans_lr}] if trans else [])
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(heads.param_groups(lr, trans_lr))
     losses = []
     heads.train()
     steps = epochs * int(np.ceil(len(states) / batch))
@@ -370,11 +378,7 @@ def lora_train(model, heads: ExitHeads, seqs: list[tuple[list[int], int]], rank:
                                           target_modules=list(LORA_TARGETS)))
     pm.train()
     lora = [p for n, p in pm.named_parameters() if "lora_" in n]
-    groups = [{"params": lora, "lr": lr},
-              {"params": [p for n, p in heads.named_parameters() if not n.startswith("trans_")], "lr": head_lr}]
-    if heads.affine:
-        groups.append({"params": [heads.trans_weight, heads.trans_bias], "lr": trans_lr})
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam([{"params": lora, "lr": lr}, *heads.param_groups(head_lr, trans_lr)])
     heads.train()
     losses = []
     bar = tqdm(total=epochs * len(seqs), desc="stage 1 (Eq 1, LoRA)", disable=not progress)
