@@ -319,8 +319,9 @@ def markdown_table(s: dict) -> str:
 
 
 def print_table(s: dict) -> None:
-    print(f"\nfull depth: {s['full_tokens_per_s']:.1f} tokens/s (own loop), HF generate "
-          f"{s['hf_generate_tokens_per_s']:.1f} tokens/s, {s['threads']} thread(s)")
+    print(f"\nfull depth: {s['full_tokens_per_s']:.1f} tokens/s (own loop, batch 1), HF generate "
+          f"{s['hf_generate_tokens_per_s']:.1f} tokens/s, {s.get('full_batched_tokens_per_s', float('nan')):.1f} "
+          f"tokens/s in batches of {s.get('batch_size', '?')}; {s['threads']} thread(s)")
     print(f"{'rule':<26} {'avg exit':>8} {'x layers':>8} {'tok/s':>6} {'x meas.':>7} {'R-L full':>8} {'R-L ref':>7}")
     for r in s["results"]:
         print(f"{r['name']:<26} {r['avg_exit_layer']:8.2f} {r['layer_speedup']:8.2f} {r['tokens_per_s']:6.1f} "
