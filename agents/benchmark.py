@@ -544,12 +544,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    import torch
-
+    from agents.common import torch_threads
     from agents.reinforce import Args, make_caches
 
     a = parse_args(argv)
-    torch.set_num_threads(max(1, a.threads))
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     tests, ckpts = _pairs(a.test_file, "--test-file"), _pairs(a.checkpoint, "--checkpoint")
     for k in list(tests) + list(ckpts):
@@ -569,7 +567,8 @@ def main(argv=None) -> dict:
                                                 checkpoint=ckpts.get(task)))
         timings[task] = {"caches_s": round(time.time() - t0, 1)}
         print(f"[{task}] caches ready in {timings[task]['caches_s']:.0f} s", flush=True)
-    res = run_benchmark(caches_by_task, cfg, timings)
+    with torch_threads(a.threads):  # the caches above were built with every core
+        res = run_benchmark(caches_by_task, cfg, timings)
     print("\n" + res["markdown"])
     print("timing (s):")
     for t, tm in res["timing"].items():

@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import typing
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -94,3 +95,21 @@ def tail_mean(curve: list, frac: float = 0.1) -> float:
     lo = xs.min() + (1 - frac) * (xs.max() - xs.min())
     sel = xs >= lo
     return float(ys[sel].mean())
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads, then restore the previous count.
+
+    Policy networks are small and fastest on one thread; backbone work (stage-1
+    training, cache building) must keep every core, so only the policy's own work
+    runs inside this block.
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)

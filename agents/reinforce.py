@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.common import parse_dataclass_args, write_json
+from agents.common import parse_dataclass_args, torch_threads, write_json
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from backbones.policy_net import policy_inputs, reinforce_loss
@@ -102,15 +102,23 @@ def make_caches(args: Args) -> dict[str, LayerCache]:
 
 
 def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
-    """Train a policy; returns {"policy": LearnedExit, "results": {...}, "run_dir": Path}."""
+    """Train a policy; returns {"policy": LearnedExit, "results": {...}, "run_dir": Path}.
+
+    Building missing caches (and a missing stage-1 checkpoint) uses every core; only the
+    policy's training runs with ``args.torch_threads``.
+    """
     if args.reward not in cee_env.REWARDS:
         raise ValueError(f"--reward must be one of {cee_env.REWARDS}")
     if args.exploration not in ("sample", "greedy"):
         raise ValueError("--exploration must be 'sample' or 'greedy'")
     cee_env.env_task(args.env)  # registers cee/<Task>-v0 of a user-defined task
-    rng = np.random.default_rng(args.seed)
-    torch.set_num_threads(args.torch_threads)
     caches = caches or make_caches(args)
+    with torch_threads(args.torch_threads):
+        return _train(args, caches)
+
+
+def _train(args: Args, caches: dict[str, LayerCache]) -> dict:
+    rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)  # after the caches: building one initialises a model and draws from torch's RNG
     train_cache, dev_cache = caches["train"], caches["dev"]
     n, L = train_cache.num_instances, train_cache.num_layers

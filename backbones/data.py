@@ -24,6 +24,11 @@ class Encoded(Dataset):
     def __len__(self) -> int:
         return len(self.features)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per instance."""
+        return np.fromiter((len(f["input_ids"]) for f in self.features), dtype=np.int64, count=len(self.features))
+
     def __getitem__(self, i: int) -> dict:
         return {**self.features[i], "labels": int(self.labels[i]), "idx": i}
 
@@ -37,6 +42,24 @@ class Encoded(Dataset):
         return DataLoader(data, batch_size=batch_size, collate_fn=self.collate, **kw)
 
 
+def length_grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                         mega: int = 50) -> np.ndarray:
+    """A random order whose consecutive ``batch_size`` chunks hold instances of similar length.
+
+    Shuffle, cut into mega-batches of ``mega`` batches, sort each by length, cut into
+    batches and shuffle the full batches (the short last one stays last): batches stay
+    random, padding shrinks (the grouping of Hugging Face's ``group_by_length``).
+    """
+    lengths = np.asarray(lengths)
+    perm = rng.permutation(len(lengths))
+    size = mega * batch_size
+    order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
+                            for c in (perm[i:i + size] for i in range(0, len(perm), size))]) if len(perm) else perm
+    full = len(order) // batch_size
+    batches = order[: full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+    return np.concatenate([batches.reshape(-1), order[full * batch_size:]])
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
@@ -46,11 +69,14 @@ def run_all_layers(model, encoded: Encoded, batch_size: int = 64, states: bool =
     """Every internal classifier on every instance: log-probs [N, L, C] (and states [N, L, H])."""
     model.eval()
     logps, sts = [], []
-    for batch in tqdm(encoded.loader(batch_size), desc=desc, disable=desc is None, leave=False):
+    order = np.argsort(-encoded.lengths, kind="stable")  # similar lengths together: less padding
+    for batch in tqdm(encoded.loader(batch_size, indices=order), desc=desc, disable=desc is None, leave=False):
         out = model(**model_inputs(batch), return_states=states)
         logits, st = out if states else (out, None)
         logps.append(torch.log_softmax(logits.float(), -1).numpy())
         if states:
             sts.append(st.float().numpy())
-    logp = np.concatenate(logps)
-    return (logp, np.concatenate(sts)) if states else logp
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    logp = np.concatenate(logps)[inv]
+    return (logp, np.concatenate(sts)[inv]) if states else logp

@@ -30,9 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from backbones import tasks as T
-from backbones.data import Encoded, model_inputs, run_all_layers
+from backbones.data import Encoded, length_grouped_order, model_inputs, run_all_layers
 from backbones.multiexit import WEIGHTS_NAME, MultiExitEncoder, default_pooling, load_tokenizer, weighted_exit_loss
 from backbones.paths import DEFAULT_ENCODER, resolve_model, runs_dir
+from backbones.protocol import Partition, checkpoint_suffix, partition
 from backbones.policy_net import LayerMLPPolicy, policy_inputs, reinforce_loss
 
 # Per-task defaults that differ from TrainConfig's (small sets want more epochs; SST-2 is big for 2 cores).
@@ -65,6 +66,9 @@ class TrainConfig:
     warmup: float = 0.1
     max_length: int = 128
     max_train_samples: int | None = None
+    holdout: float = 0.0  # hold out this stratified fraction of train (calib rows); the backbone never sees it
+    folds: int = 0  # cross-fitting: split train into this many stratified folds ...
+    fold: int = 0  # ... and train on every fold but this one
     seed: int = 0
     data_dir: str | None = None
     train_file: str | None = None
@@ -89,7 +93,7 @@ class TrainConfig:
 
 def run_name(c: TrainConfig) -> str:
     tag = Path(c.model.rstrip("/")).name
-    return f"{c.task}-{tag}-{c.pooling}-{c.objective}-s{c.seed}"
+    return f"{c.task}-{tag}-{c.pooling}-{c.objective}-s{c.seed}" + checkpoint_suffix(c.holdout, c.folds, c.fold)
 
 
 def checkpoint_dir(c: TrainConfig) -> Path:
@@ -110,10 +114,15 @@ def is_complete(ckpt: Path) -> bool:
     return (ckpt / WEIGHTS_NAME).is_file() and (ckpt / "metrics.json").is_file()
 
 
+def fit_partition(c: TrainConfig, train_ds) -> Partition:
+    """The rows of the train split this configuration fits (and the rows it never sees)."""
+    return partition(np.asarray(train_ds["label"]), seed=c.seed, max_train_samples=c.max_train_samples,
+                     holdout=c.holdout, folds=c.folds, fold=c.fold)
+
+
 def load_splits(c: TrainConfig):
     tr = T.load_split(c.task, "train", data_dir=c.data_dir, path=c.train_file)
-    if c.max_train_samples and len(tr) > c.max_train_samples:  # 0 = all
-        tr = tr.shuffle(seed=c.seed).select(range(c.max_train_samples))
+    tr = tr.select(fit_partition(c, tr).fit)
     dev = T.load_split(c.task, "dev", data_dir=c.data_dir, path=c.dev_file)
     test = T.load_split(c.task, "test", data_dir=c.data_dir, path=c.test_file) if c.test_file else None
     return tr, dev, test
@@ -218,7 +227,8 @@ def train(cfg: TrainConfig) -> Path:
     t0 = time.time()
     step = progress["global_step"]
     for epoch in range(progress["epoch"], c.epochs):
-        order = np.random.default_rng(c.seed + epoch).permutation(len(enc_train))
+        order = length_grouped_order(enc_train.lengths, c.batch_size * acc.num_processes,
+                                     np.random.default_rng(c.seed + epoch))
         dl = acc.prepare_data_loader(enc_train.loader(c.batch_size, indices=order))
         skip = progress["step_in_epoch"] if epoch == progress["epoch"] else 0
         if skip:
@@ -399,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
         "warmup": "fraction of steps with linear warm-up (then linear decay to 0)",
         "max_length": "maximum tokens per instance (pairs are truncated longest-first)",
         "max_train_samples": "train on a random subset of this size (SST2 default 8000, StackOverflow 6000; 0 = all)",
-        "seed": "random seed (data order, initialisation)",
+        "holdout": "hold out this stratified fraction of the train split (calib rows, never trained on); "
+                   "0 = train on all of it",
+        "folds": "cross-fitting: split the train split into this many stratified folds (0 = off) ...",
+        "fold": "... and train on every fold but this one (0-based)",
+        "seed": "random seed (data order, initialisation, subsets and folds)",
         "data_dir": "data directory (default $CEE_DATA_DIR or ../shared/data)",
         "train_file": "train file path, overriding the task's (same format)",
         "dev_file": "dev file path, overriding the task's",

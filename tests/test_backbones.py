@@ -234,7 +234,9 @@ def test_resume_after_interruption(tmp_runs, tiny_task, tiny_encoder_dir, monkey
     printed = capsys.readouterr().out
     assert "resuming ck at epoch 2, step 4" in printed
     assert len(seen) == 4, "only the 4 remaining steps run after resuming"
-    order = np.random.default_rng(cfg.seed + 1).permutation(N_TRAIN)  # epoch 2's data order
+    c = cfg.resolved()
+    enc = tr.Encoded(tr.load_splits(c)[0], tr.load_tokenizer(str(tiny_encoder_dir)), c.max_length)
+    order = tr.length_grouped_order(enc.lengths, 8, np.random.default_rng(cfg.seed + 1))  # epoch 2's data order
     np.testing.assert_array_equal(np.concatenate(seen), order[32:])
     assert tr.is_complete(out) and not (out / "state").exists()
     correct = np.load(out / "train_correct.npy")
