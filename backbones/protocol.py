@@ -32,7 +32,16 @@ from dataclasses import dataclass
 import numpy as np
 
 PROTOCOLS = ("holdout", "crossfit")
+HOLDOUT = 0.3  # fraction of train held out for calib (holdout protocol)
+FOLDS = 3  # folds of the crossfit protocol
+CALIB_ROWS = 4000  # at most this many spare rows become calib rows
 MIN_SPARE = 1000  # spare rows needed before a task takes its calib rows from them instead of holding out
+DEFAULT_PROTOCOL: dict[str, str] = {}  # per task; tasks not listed use "holdout"
+
+
+def default_protocol(task: str) -> str:
+    """The calib protocol a task uses unless told otherwise."""
+    return DEFAULT_PROTOCOL.get(task, "holdout")
 
 
 @dataclass(frozen=True)

@@ -88,14 +88,15 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def fingerprint(checkpoint: Path, task: str, split: str, data_file: str, max_length: int, limit: int | None) -> str:
-    """What a cache depends on: checkpoint weights, task, split and its data, max length, format version."""
+def fingerprint(checkpoint: Path, task: str, split: str, data_file: str, max_length: int, rows: str | None) -> str:
+    """What a cache depends on: checkpoint weights, task, split, its data (by content), the rows taken
+    from it, max length, format version."""
     from backbones.multiexit import WEIGHTS_NAME
 
     parts = {
         "weights": _sha256_file(Path(checkpoint) / WEIGHTS_NAME),
         "task": task, "split": split, "data": data_file, "max_length": max_length,
-        "limit": limit, "format": FORMAT_VERSION,
+        "rows": rows, "format": FORMAT_VERSION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -179,54 +180,163 @@ def build_cache(model, tokenizer, ds, *, task: str, split: str, label_names, met
                       fingerprint=fingerprint_, meta=dict(meta or {}))
 
 
+SPLITS = ("train", "calib", "dev", "test")
+
+
 def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | None = None,
               data_dir: str | None = None, test_file: str | None = None, data_file: str | None = None,
-              rebuild: bool = False, batch_size: int = 64, verbose: bool = True) -> LayerCache:
+              rebuild: bool = False, batch_size: int = 64, verbose: bool = True,
+              protocol: str | None = None) -> LayerCache:
     """The layer cache of ``task``/``split`` under a stage-1 checkpoint, built on first use.
 
-    ``checkpoint`` defaults to the task's default stage-1 checkpoint (trained if
-    missing). ``test_file`` (for split "test") or ``data_file`` (any split)
-    read the split from a file path. Caches live in ``runs/cache/<task>/`` keyed
-    by a fingerprint; a corrupt or mismatched cache is rebuilt, never used.
+    Splits: ``train`` (the rows the checkpoint was fitted on), ``calib`` (rows it never
+    saw: see :mod:`backbones.protocol`), ``dev``, ``test`` (``test_file``). ``checkpoint``
+    defaults to the task's deployed checkpoint under ``protocol`` (trained if missing;
+    :func:`deployed_checkpoint`). ``data_file`` reads the split from another file. Caches
+    live in ``runs/cache/<task>/`` keyed by a fingerprint of the checkpoint's weights, the
+    data file's content and the rows taken; a corrupt or mismatched cache is rebuilt.
     """
     from backbones import tasks as T
-    from backbones.multiexit import MultiExitEncoder, load_tokenizer
-    from backbones.paths import runs_dir
-    from backbones.train import ensure_checkpoint
 
     spec = T.get_task(task)
-    ckpt = Path(checkpoint) if checkpoint else ensure_checkpoint(spec.name, data_dir=data_dir)
-    path = data_file or (test_file if split == "test" else None)
-    ds = T.load_split(spec, split, data_dir=data_dir, path=path)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    ckpt = Path(checkpoint) if checkpoint else deployed_checkpoint(spec.name, protocol, data_dir)
+    if split == "calib":
+        return _calib_cache(spec, ckpt, data_dir, data_file, rebuild, batch_size, verbose)
+    tc = _train_config(ckpt)
+    if split == "train":
+        path = data_file or tc.get("train_file")
+        ds = T.load_split(spec, "train", data_dir=data_dir, path=path)
+        rows = _partition(tc, ds).fit if tc else None
+    else:
+        path = data_file or (test_file if split == "test" else None)
+        ds = T.load_split(spec, split, data_dir=data_dir, path=path)
+        rows = None
+    return _layer_pass(spec, ckpt, split, ds, rows, _data_id(spec, split, data_dir, path),
+                       rebuild, batch_size, verbose)
+
+
+def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | None = None) -> Path:
+    """The stage-1 checkpoint a task deploys under ``protocol`` (default: the task's), trained if missing.
+
+    ``holdout``: the backbone fitted on train minus a stratified held-out fraction (the
+    calib rows), unless the task trains on a subset and has spare rows for calib;
+    ``crossfit``: the backbone fitted on every training row (calib comes from the folds).
+    """
+    from backbones import protocol as P
+    from backbones.train import ensure_checkpoint
+
+    protocol = protocol or P.default_protocol(task)
+    if protocol not in P.PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(P.PROTOCOLS)}")
+    if protocol == "holdout" and not _task_has_spare(task, data_dir):
+        return ensure_checkpoint(task, data_dir=data_dir, holdout=P.HOLDOUT)
+    return ensure_checkpoint(task, data_dir=data_dir)
+
+
+def _task_has_spare(task: str, data_dir: str | None) -> bool:
+    from backbones import protocol as P
+    from backbones import tasks as T
+    from backbones.train import TrainConfig
+
+    limit = TrainConfig(task=task).resolved().max_train_samples
+    return bool(limit) and P.has_spare(len(T.load_split(task, "train", data_dir=data_dir)), limit)
+
+
+def _train_config(ckpt: Path) -> dict:
+    f = Path(ckpt) / "train_config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _partition(tc: dict, ds):
+    from backbones.protocol import partition
+
+    return partition(np.asarray(ds["label"]), seed=tc.get("seed", 0), max_train_samples=tc.get("max_train_samples"),
+                     holdout=tc.get("holdout", 0.0), folds=tc.get("folds", 0), fold=tc.get("fold", 0))
+
+
+def _calib_cache(spec, ckpt: Path, data_dir, data_file, rebuild, batch_size, verbose) -> LayerCache:
+    """Layer outputs of training rows ``ckpt`` never saw: its held-out rows, else out-of-fold outputs."""
+    from backbones import protocol as P
+    from backbones import tasks as T
+    from backbones.train import ensure_checkpoint
+
+    tc = _train_config(ckpt)
+    if not tc:
+        raise CacheError(f"{ckpt} has no train_config.json, so which training rows it saw is unknown; "
+                         "calib needs a checkpoint trained by backbones.train")
+    if tc.get("folds"):
+        raise CacheError(f"{ckpt} is cross-fitting fold {tc['fold']} of {tc['folds']}; "
+                         "pass the checkpoint trained on every row (its calib split is built from the folds)")
+    path = data_file or tc.get("train_file")
+    ds = T.load_split(spec, "train", data_dir=data_dir, path=path)
+    data_id = _data_id(spec, "train", data_dir, path)
+    held = _partition(tc, ds).held_out
+    if len(held):  # holdout, or the spare rows of a subset (capped)
+        return _layer_pass(spec, ckpt, "calib", ds, np.sort(held[: P.CALIB_ROWS]), data_id, rebuild, batch_size, verbose)
+    parts, folds = [], P.FOLDS
+    keep = {k: v for k, v in tc.items() if k not in ("task", "out", "holdout", "folds", "fold")}
+    for k in range(folds):
+        fk = ensure_checkpoint(spec.name, **{**keep, "folds": folds, "fold": k,
+                                             "out": str(ckpt.parent / (ckpt.name + P.checkpoint_suffix(folds=folds, fold=k)))})
+        rows = np.sort(_partition({**tc, "folds": folds, "fold": k}, ds).held_out)
+        parts.append((rows, _layer_pass(spec, fk, "calib", ds, rows, data_id, rebuild, batch_size, verbose)))
+    rows = np.concatenate([r for r, _ in parts])
+    order = np.argsort(rows, kind="stable")
+    cat = lambda name: np.concatenate([np.asarray(getattr(c, name)) for _, c in parts])[order]  # noqa: E731
+    first = parts[0][1]
+    fp = hashlib.sha256("".join(c.fingerprint for _, c in parts).encode()).hexdigest()
+    return LayerCache(states=cat("states"), log_probs=cat("log_probs"), labels=cat("labels"), task=first.task,
+                      split="calib", label_names=first.label_names, metric=first.metric, fingerprint=fp,
+                      meta={"checkpoint": str(ckpt), "calib": "crossfit", "folds": folds,
+                            "fold_checkpoints": [c.meta["checkpoint"] for _, c in parts], "rows": rows[order].tolist()})
+
+
+def _layer_pass(spec, ckpt: Path, split: str, ds, rows: np.ndarray | None, data_id: str,
+                rebuild: bool, batch_size: int, verbose: bool) -> LayerCache:
+    """The cache of ``ckpt`` over ``ds`` (or its ``rows``), loaded when present and intact, else built."""
+    from backbones.multiexit import MultiExitEncoder, load_tokenizer
+    from backbones.paths import runs_dir
+
     cfg = json.loads((ckpt / "multiexit.json").read_text())
-    limit = None
-    if split == "train" and (ckpt / "train_config.json").is_file():
-        tc = json.loads((ckpt / "train_config.json").read_text())
-        limit = tc.get("max_train_samples")
-        if limit and len(ds) > limit:  # the same subset the checkpoint was trained on
-            ds = ds.shuffle(seed=tc["seed"]).select(range(limit))
-    src = str(Path(path).resolve()) if path else f"{spec.name}:{split}:{_split_file_id(spec, split, data_dir)}"
-    fp = fingerprint(ckpt, spec.name, split, src, cfg["max_length"], limit)
+    rows_id = None
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == len(ds) and (rows == np.arange(len(ds))).all():
+            rows = None  # every row, in order
+        else:
+            rows_id = hashlib.sha256(rows.tobytes()).hexdigest()
+            ds = ds.select(rows)
+    fp = fingerprint(ckpt, spec.name, split, data_id, cfg["max_length"], rows_id)
     folder = runs_dir() / "cache" / spec.name / f"{split}-{fp[:16]}"
     if not rebuild and (cached := load_if_usable(folder, fp)) is not None:
         return cached
     if verbose:
         print(f"building the layer cache for {spec.name}/{split} ({len(ds)} instances) from {ckpt}")
     model = MultiExitEncoder.load(ckpt)
+    meta = {"checkpoint": str(ckpt), "source": data_id, "pooling": cfg["pooling"]}
+    if rows is not None:
+        meta["rows"] = rows.tolist()
     cache = build_cache(model, load_tokenizer(ckpt), ds, task=spec.name, split=split, label_names=spec.label_names,
                         metric=spec.metric, max_length=cfg["max_length"], fingerprint_=fp, batch_size=batch_size,
-                        meta={"checkpoint": str(ckpt), "source": src, "pooling": cfg["pooling"]})
+                        meta=meta)
     save_cache(cache, folder)
     return load_cache(folder, fp)
 
 
-def _split_file_id(spec, split: str, data_dir: str | None) -> str:
-    """Size and mtime of the split's file(s), so an edited data file invalidates the cache."""
+def _data_id(spec, split: str, data_dir: str | None, path: str | None) -> str:
+    """The content (sha256) of the file(s) a split is read from: an edited file is new data."""
     from backbones.paths import data_dir as resolve_dir
 
-    rel = spec.splits.get(split)
-    if rel is None:
-        return "none"
-    p = Path(rel) if Path(rel).is_absolute() else resolve_dir(data_dir) / rel  # user tasks hold absolute paths
-    st = p.stat() if p.exists() else None
-    return f"{p}:{st.st_size}:{int(st.st_mtime)}" if st else str(p)
+    if path:
+        files = [Path(path).expanduser().resolve()]
+    else:
+        rel = spec.splits.get(split)
+        if rel is None:
+            return f"{spec.name}:{split}:none"
+        base = None if Path(rel).is_absolute() else resolve_dir(data_dir)
+        files = [Path(rel) if base is None else base / rel]
+        if split == "train" and spec.exclude_pairs:
+            files.append(base / spec.exclude_pairs if base is not None else Path(spec.exclude_pairs))
+    return f"{spec.name}:{split}:" + ",".join(_sha256_file(f) for f in files)

@@ -211,7 +211,7 @@ class EarlyExitEnv(gym.Env[np.ndarray, int]):
             raise ValueError(f"EarlyExitEnv has no render modes; got render_mode={render_mode!r}")
         self.cache = resolve_cache(cache, task, split, checkpoint, data_dir, test_file, cache_kwargs)
         self.split = split or self.cache.split or "train"
-        self.sequential = (self.split != "train") if sequential is None else bool(sequential)
+        self.sequential = (self.split not in ("train", "calib")) if sequential is None else bool(sequential)
         self.reward_kind, self.alpha, self.obs_mode = reward, float(alpha), obs
         self.tables = t = EpisodeTables.build(self.cache, reward, self.alpha, obs, obs_bound, memorized)
         self.num_instances, self.num_layers = t.obs.shape[:2]

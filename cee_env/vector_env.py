@@ -66,7 +66,7 @@ class EarlyExitVectorEnv(VectorEnv):
         self.num_envs = n = int(num_envs)
         self.cache = resolve_cache(cache, task, split, checkpoint, data_dir, test_file, cache_kwargs)
         self.split = split or self.cache.split or "train"
-        self.sequential = (self.split != "train") if sequential is None else bool(sequential)
+        self.sequential = (self.split not in ("train", "calib")) if sequential is None else bool(sequential)
         self.reward_kind, self.alpha, self.obs_mode, self.copy = reward, float(alpha), obs, bool(copy)
         self.tables = t = EpisodeTables.build(self.cache, reward, self.alpha, obs, obs_bound, memorized)
         self.num_instances, self.num_layers, dim = t.obs.shape

@@ -83,10 +83,10 @@ def test_second_call_loads_from_disk(tmp_runs, ckpt, load_counter):
 
 
 def test_fingerprint_depends_on_everything_it_names(ckpt):
-    base = dict(checkpoint=ckpt, task=TINY_TASK, split="dev", data_file="f", max_length=32, limit=None)
+    base = dict(checkpoint=ckpt, task=TINY_TASK, split="dev", data_file="f", max_length=32, rows=None)
     fp = fingerprint(**base)
     assert fp == fingerprint(**base)
-    for k, v in (("task", "Other"), ("split", "train"), ("data_file", "g"), ("max_length", 64), ("limit", 10)):
+    for k, v in (("task", "Other"), ("split", "train"), ("data_file", "g"), ("max_length", 64), ("rows", "abc")):
         assert fingerprint(**{**base, k: v}) != fp, k
 
 
