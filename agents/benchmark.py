@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.baselines import (
+from agents.policies.heuristics import (
     BerxitExit,
     EntropyExit,
     LTEConfig,
@@ -544,7 +544,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from agents.common import torch_threads
+    from agents.runtime import torch_threads
     from agents.reinforce import Args, make_caches
 
     a = parse_args(argv)

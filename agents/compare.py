@@ -29,7 +29,7 @@ import numpy as np
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents import reinforce, sb3
-from agents.common import parse_dataclass_args, tail_mean, write_json
+from agents.runtime import parse_dataclass_args, tail_mean, write_json
 from agents.evaluate import evaluate
 from agents.policies import OracleExit, StaticExit
 from backbones.paths import runs_dir

@@ -37,12 +37,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 
 import cee_env  # noqa: F401
 from agents import reinforce
-from agents.common import parse_dataclass_args, write_json
+from agents.runtime import parse_dataclass_args, write_json
 from agents.evaluate import EvalResult
 from agents.policies import StaticExit
 from backbones.paths import runs_dir
@@ -105,7 +104,8 @@ def exit_tv(h1: list[int], h2: list[int]) -> float:
 def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Path) -> Path:
     """Eq 6 with the policy frozen (or, with ``--joint``, Eq 6 + Eq 5 with the policy
     training too, on the memorized layers of ``init``); in-process, or under ``--launcher`` (DDP)."""
-    from backbones.train import TrainConfig, is_complete, train
+    from agents.rl.backbone_stage import StageConfig, run
+    from backbones.train import is_complete
 
     if is_complete(out):
         return out
@@ -115,12 +115,12 @@ def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Pat
         mem_file = out.parent / "memorized_train.npy"
         np.save(mem_file, memorized_layer(tr.preds, tr.labels))
         extra = dict(memorized=str(mem_file), reward=args.reward, alpha=args.alpha)
-    cfg = TrainConfig(task=task, init_from=str(init), objective="joint" if args.joint else "exit",
+    cfg = StageConfig(task=task, init_from=str(init), objective="joint" if args.joint else "exit",
                       exit_policy=str(policy_dir), epochs=args.backbone_epochs, lr=args.backbone_lr,
                       head_lr=args.head_lr, warmup=0.0, seed=args.seed, data_dir=args.data_dir, out=str(out), **extra)
     if not args.launcher:
-        return train(cfg)
-    cmd = [*shlex.split(args.launcher), "-m", "backbones.train"]
+        return run(cfg)
+    cmd = [*shlex.split(args.launcher), "-m", "agents.rl.backbone_stage"]
     for k, v in asdict(cfg).items():
         if v is not None:
             cmd += ["--" + k.replace("_", "-"), str(v)]

@@ -17,7 +17,7 @@ exit layer (1-based) and the probability of the label (+ the gold label when the
 input has them), to ``--out`` or stdout. A summary goes to stderr.
 
 Exit rules for ``--rule`` (with ``--checkpoint``): ``static-K`` (every instance exits
-at layer K), ``full`` (no early exit), and the heuristics of ``agents.baselines``:
+at layer K), ``full`` (no early exit), and the heuristics of ``agents.policies.heuristics``:
 ``maxprob:THR`` (exit once the top class probability > THR), ``entropy:THR`` (DeeBERT:
 once the prediction entropy in nats < THR), ``patience:K`` (PABEE: once K+1 layers in
 a row agree).
@@ -39,7 +39,7 @@ __all__ = ["parse_rule", "read_texts", "main"]
 # --------------------------------------------------------------------------- exit rules
 def parse_rule(rule: str) -> ExitPolicy:
     """An exit rule by name: ``static-K`` | ``full`` | ``maxprob:THR`` | ``entropy:THR`` (or ``deebert:THR``)
-    | ``patience:K`` (or ``pabee:K``). The heuristic rules are those of :mod:`agents.baselines`."""
+    | ``patience:K`` (or ``pabee:K``). The heuristic rules are those of :mod:`agents.policies.heuristics`."""
     r = rule.strip().lower()
     try:
         if r == "full":
@@ -54,7 +54,7 @@ def parse_rule(rule: str) -> ExitPolicy:
                 return StaticExit(k)
         kind, _, arg = r.partition(":")
         if kind in ("maxprob", "entropy", "deebert", "patience", "pabee"):
-            from agents import baselines as B
+            from agents.policies import heuristics as B
 
             if kind == "maxprob":
                 return B.MaxProbExit(float(arg))
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         texts, texts_b, gold, spec = _load_inputs(args, parser)
         import torch
 
-        from agents.early_exit_model import EarlyExitClassifier
+        from agents.inference.early_exit_model import EarlyExitClassifier
 
         if args.threads:
             torch.set_num_threads(args.threads)

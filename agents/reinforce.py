@@ -14,7 +14,6 @@ and the layer caches are built first.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.common import parse_dataclass_args, torch_threads, write_json
+from agents.runtime import parse_dataclass_args, torch_threads, write_json
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
-from backbones.policy_net import policy_inputs, reinforce_loss
+from agents.policies.net import policy_inputs
+from agents.rl.losses import reinforce_loss
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
 

@@ -43,7 +43,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.common import parse_dataclass_args, thin, write_json
+from agents.runtime import parse_dataclass_args, thin, write_json
 from agents.evaluate import evaluate
 from agents.policies import ExitPolicy, OracleExit, StaticExit
 from agents.reinforce import log_eval, make_caches, print_summary

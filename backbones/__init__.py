@@ -1,1 +1,1 @@
-import cee_env._numerics  # noqa: F401  (reproducible MKL results; set before torch runs anything)
+from backbones import _numerics  # noqa: F401  (reproducible MKL results; set before torch runs anything)

@@ -2,9 +2,7 @@
 
     python -m backbones.train --task RTE
     python -m backbones.train --task MRPC --objective last
-    python -m backbones.train --task RTE --init-from CKPT --objective exit --exit-policy POLICY    # Eq 6
-    python -m backbones.train --task RTE --init-from CKPT --objective joint --exit-policy POLICY \
-        --memorized MEM.npy                  # Eq 6 + Eq 5 together (the paper's joint variant)
+    python -m backbones.train --task RTE --holdout 0.3     # keep 30% of train out of stage 1 (calib rows)
     accelerate launch --multi_gpu --num_processes 2 -m backbones.train --task RTE   # DDP, unchanged
     (on a CPU-only machine: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...)
 
@@ -22,7 +20,8 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Protocol
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,6 @@ from backbones.data import Encoded, length_grouped_order, model_inputs, run_all_
 from backbones.multiexit import WEIGHTS_NAME, MultiExitEncoder, default_pooling, load_tokenizer, weighted_exit_loss
 from backbones.paths import DEFAULT_ENCODER, resolve_model, runs_dir
 from backbones.protocol import Partition, checkpoint_suffix, partition
-from backbones.policy_net import LayerMLPPolicy, policy_inputs, reinforce_loss
 
 # Per-task defaults that differ from TrainConfig's (small sets want more epochs; SST-2 is big for 2 cores).
 TASK_DEFAULTS: dict[str, dict] = {
@@ -45,18 +43,31 @@ TASK_DEFAULTS: dict[str, dict] = {
 }
 
 
+class Objective(Protocol):
+    """A training loss other than Eq 1 / last-layer CE (the co-training stage brings Eq 6 and the
+    joint variant, :mod:`agents.rl.backbone_stage`). It may train modules of its own alongside the model."""
+
+    modules: list[torch.nn.Module]  # trained with the model; replaced by their prepared (DDP) forms
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups of ``modules``."""
+
+    def check(self, n_train: int) -> None:
+        """Raise a clear error if the objective does not fit a train split of ``n_train`` rows."""
+
+    def loss(self, logits: torch.Tensor, states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Loss of a batch from all exits' logits [B, L, C] and pooled states [B, L, H]; scalars to log."""
+
+    def save(self, out: Path, unwrap) -> None:
+        """Write what the objective trained (e.g. the policy) next to the checkpoint."""
+
+
 @dataclass
 class TrainConfig:
     task: str = "RTE"
     model: str = DEFAULT_ENCODER
     pooling: str | None = None  # None: mean for sentence-transformers checkpoints, cls otherwise
-    objective: str = "eq1"  # eq1 (all exits, w_l = l), last, exit (Eq 6: CE at the frozen policy's exit), joint
-    exit_policy: str | None = None  # policy folder (policy.safetensors + policy.json), for objective exit / joint
-    memorized: str | None = None  # joint: .npy of each train instance's memorized layer (Eq 7, 1..L)
-    reward: str = "hardness"  # joint: the policy's reward (hardness = Eq 4, vanilla = Eq 3, hardness_weighted)
-    alpha: float = 0.05  # joint: depth penalty of the reward
-    policy_k: int = 8  # joint: trajectories sampled per instance (Eq 5's K; their mean is the baseline)
-    policy_lr: float = 3e-4  # joint: peak learning rate of the policy
+    objective: str = "eq1"  # eq1 (all exits, w_l = l) or last; other names come with an Objective (train(objective=))
     init_from: str | None = None  # start from this multi-exit checkpoint instead of the pretrained encoder
     epochs: int | None = None  # None: task default (3)
     batch_size: int = 32
@@ -79,7 +90,7 @@ class TrainConfig:
     eval_batch_size: int = 64
 
     def resolved(self) -> "TrainConfig":
-        c = TrainConfig(**asdict(self))
+        c = replace(self)
         c.task = T.get_task(c.task).name
         for k, v in TASK_DEFAULTS.get(c.task, {}).items():
             if getattr(c, k) is None:
@@ -132,8 +143,11 @@ def layer_metrics(task: str, logp: np.ndarray, labels: np.ndarray) -> list[float
     return [T.compute_metric(task, logp[:, l].argmax(-1), labels) for l in range(logp.shape[1])]
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) and return the checkpoint directory."""
+def train(cfg: TrainConfig, objective: Objective | None = None) -> Path:
+    """Train (or resume) and return the checkpoint directory.
+
+    Without ``objective`` the loss is Eq 1 (``cfg.objective="eq1"``) or the last layer's CE.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
@@ -148,15 +162,11 @@ def train(cfg: TrainConfig) -> Path:
         acc.print(f"{out} is already trained; delete it to train again.")
         return out
 
-    if c.objective in ("exit", "joint") and not c.exit_policy:
-        raise ValueError(f"--objective {c.objective} needs --exit-policy DIR (a trained policy folder)")
-    memorized = None
-    if c.objective == "joint":
-        if not c.memorized:
-            raise ValueError("--objective joint needs --memorized FILE (.npy of memorized layers of the train set)")
-        memorized = torch.as_tensor(np.load(c.memorized), dtype=torch.long)
-        if len(memorized) != len(train_ds):
-            raise ValueError(f"{c.memorized} has {len(memorized)} entries; the train set has {len(train_ds)}")
+    if objective is None and c.objective not in ("eq1", "last"):
+        raise ValueError(f"objective {c.objective!r} needs an Objective (train(cfg, objective=...)); "
+                         "the stage-1 objectives are eq1 and last")
+    if objective is not None:
+        objective.check(len(train_ds))
     if c.init_from:
         model, tok = MultiExitEncoder.load(c.init_from), load_tokenizer(c.init_from)
         if model.config.num_labels != len(spec.label_names):
@@ -167,11 +177,6 @@ def train(cfg: TrainConfig) -> Path:
             c.model, len(spec.label_names), pooling=c.pooling, max_length=c.max_length,
             task=c.task, label_names=spec.label_names,
         )
-    exit_net = None
-    if c.objective == "exit":
-        exit_net = LayerMLPPolicy.load(c.exit_policy).requires_grad_(False)
-    elif c.objective == "joint":
-        exit_net = LayerMLPPolicy.load(c.exit_policy).train()
     enc_train = Encoded(train_ds, tok, c.max_length)
     enc_dev = Encoded(dev_ds, tok, c.max_length)
     steps_per_epoch = math.ceil(len(enc_train) / (c.batch_size * acc.num_processes))
@@ -184,15 +189,14 @@ def train(cfg: TrainConfig) -> Path:
             {"params": [p for n, p in enc_named if not no_decay(n)], "lr": c.lr, "weight_decay": c.weight_decay},
             {"params": [p for n, p in enc_named if no_decay(n)], "lr": c.lr, "weight_decay": 0.0},
             {"params": head_params, "lr": c.head_lr, "weight_decay": 0.0},
-            *([{"params": list(exit_net.parameters()), "lr": c.policy_lr, "weight_decay": 0.0}]
-              if c.objective == "joint" else []),
+            *(objective.param_groups() if objective is not None else []),
         ]
     )
     sched = get_linear_schedule_with_warmup(opt, int(c.warmup * total), total)
-    if c.objective == "joint":  # the policy trains too: prepared (DDP-wrapped) so its gradients sync
-        model, exit_net, opt, sched = acc.prepare(model, exit_net, opt, sched)
-    else:
-        model, opt, sched = acc.prepare(model, opt, sched)
+    extra = objective.modules if objective is not None else []
+    model, *extra, opt, sched = acc.prepare(model, *extra, opt, sched)  # an objective's modules train (DDP) too
+    if objective is not None:
+        objective.modules = extra
 
     state_dir = out / "state"
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
@@ -237,19 +241,15 @@ def train(cfg: TrainConfig) -> Path:
         bar = tqdm(dl, total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{c.epochs}",
                    disable=not acc.is_local_main_process)
         for i, batch in enumerate(bar, start=skip):
-            if exit_net is None:
+            if objective is None:
                 logits = model(**model_inputs(batch))
                 loss = weighted_exit_loss(logits, batch["labels"], c.objective)
-            elif c.objective == "exit":
-                logits, states = model(**model_inputs(batch), return_states=True)
-                loss = exit_layer_loss(logits, states, batch["labels"], exit_net)
             else:
                 logits, states = model(**model_inputs(batch), return_states=True)
-                loss, parts = joint_loss(logits, states, batch["labels"], memorized[batch["idx"].cpu()].to(logits.device),
-                                         exit_net, c.alpha, c.reward, c.policy_k)
+                loss, parts = objective.loss(logits, states, batch)
                 if writer is not None:
                     for k_, v_ in parts.items():
-                        writer.add_scalar(f"joint/{k_}", v_, step + 1)
+                        writer.add_scalar(f"{c.objective}/{k_}", v_, step + 1)
             acc.backward(loss)
             acc.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -281,9 +281,8 @@ def train(cfg: TrainConfig) -> Path:
         result["config"] = asdict(c)
         np.save(out / "train_correct.npy", correct)
         model_.save(out, tok)
-        if c.objective == "joint":
-            start = json.loads((Path(c.exit_policy) / "policy.json").read_text())  # its env, reward, task, ...
-            acc.unwrap_model(exit_net).save(out / "policy", extra={**start, "checkpoint": str(out), "joint": True})
+        if objective is not None:
+            objective.save(out, acc.unwrap_model)
         tmp = out / "metrics.json.tmp"
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, out / "metrics.json")  # written last: its presence marks the checkpoint complete
@@ -293,53 +292,6 @@ def train(cfg: TrainConfig) -> Path:
         print(f"checkpoint: {out}  ({result['wall_time_s']:.0f} s)")
     acc.wait_for_everyone()
     return out
-
-
-def _policy_logits(exit_net, states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Exit logits [B, L] of the policy on detached live states (and probabilities, if it reads them)."""
-    features = getattr(getattr(exit_net, "module", exit_net), "features", "state")
-    return exit_net(policy_inputs(states.detach().float(), logits.detach().float().log_softmax(-1), features))
-
-
-def exit_layer_loss(logits: torch.Tensor, states: torch.Tensor, labels: torch.Tensor, exit_net) -> torch.Tensor:
-    """Eq 6: cross-entropy only at the layer where the frozen policy exits (first pi > 0.5, else the last)."""
-    with torch.no_grad():
-        go = _policy_logits(exit_net, states, logits) > 0  # pi > 0.5
-        go[:, -1] = True
-        t = go.int().argmax(1)
-    return torch.nn.functional.cross_entropy(logits[torch.arange(len(t), device=t.device), t], labels)
-
-
-def joint_loss(logits: torch.Tensor, states: torch.Tensor, labels: torch.Tensor, memorized: torch.Tensor,
-               exit_net, alpha: float, reward: str, k: int) -> tuple[torch.Tensor, dict]:
-    """The paper's joint variant: Eq 6 and Eq 5 from one forward pass, both trained.
-
-    K exit trajectories per instance are sampled from the policy on the live (detached)
-    states; the classifiers get cross-entropy at each sampled exit layer (Eq 6, averaged
-    over the K samples), the policy gets Eq 5 with the reward of that exit computed from
-    the live log p_t(y|x) and the instance's memorized layer (the K samples' mean reward
-    is the baseline). The forced exit at the last layer is not a decision: its action
-    does not enter log pi(tau).
-    """
-    from cee_env.rewards import exit_reward  # pure numpy; the one definition of Eq 3/4
-
-    B, L, _ = logits.shape
-    pl = _policy_logits(exit_net, states, logits).repeat_interleave(k, 0)  # [B*K, L]
-    lab = labels.repeat_interleave(k)
-    with torch.no_grad():
-        act = torch.bernoulli(torch.sigmoid(pl))
-        act[:, -1] = 1.0
-        t = act.argmax(1)  # first exit, 0-based
-        steps = torch.arange(L, device=t.device)
-        alive = ((steps[None] <= t[:, None]) & (steps[None] < L - 1)).float()
-        logp_y = logits.detach().float().log_softmax(-1).repeat_interleave(k, 0)[torch.arange(B * k), t, lab]
-        r = exit_reward(logp_y.cpu().numpy(), t.cpu().numpy() + 1, alpha, reward,
-                        memorized.repeat_interleave(k).cpu().numpy(), L)
-        r = torch.as_tensor(r, dtype=torch.float32, device=pl.device)
-    pol = reinforce_loss(pl.T, act.T, alive.T, r, k)
-    ce = torch.nn.functional.cross_entropy(logits.repeat_interleave(k, 0)[torch.arange(B * k), t], lab)
-    return ce + pol, {"ce": ce.item(), "policy_loss": pol.item(), "reward": r.mean().item(),
-                      "exit_layer": (t + 1).float().mean().item()}
 
 
 def model_layers(model) -> int:
@@ -384,22 +336,16 @@ def ensure_checkpoint(task: str, **overrides) -> Path:
     return ckpt
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(cls=None, extra_helps: dict | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    cls = cls or TrainConfig
+    p = argparse.ArgumentParser(description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = {
         "task": f"task name ({', '.join(T.TASKS)})",
         "model": "encoder: the packaged all-MiniLM-L6-v2 by default, or any BERT-family local path / hub name",
         "pooling": "state the exits read: mean (masked mean of tokens) or cls ([CLS] through a shared pooler); "
                    "default mean for sentence-transformers checkpoints, cls otherwise",
-        "objective": "eq1: weighted CE over all exits (paper Eq 1-2); last: plain fine-tune of the last layer; "
-                     "exit: CE only at the exit the frozen --exit-policy picks (paper Eq 6); "
-                     "joint: Eq 6 at the exits the policy samples + Eq 5 for the policy, trained together",
-        "exit_policy": "policy folder (policy.safetensors + policy.json) for --objective exit/joint",
-        "memorized": "joint: .npy with the memorized layer (Eq 7, 1..L) of every train instance",
-        "reward": "joint: the policy's reward: hardness (Eq 4), vanilla (Eq 3) or hardness_weighted",
-        "alpha": "joint: depth penalty of the reward",
-        "policy_k": "joint: exit trajectories sampled per instance (Eq 5's K)",
-        "policy_lr": "joint: peak learning rate of the policy (saved to <out>/policy)",
+        "objective": "eq1: weighted CE over all exits (paper Eq 1-2); last: plain fine-tune of the last layer "
+                     "(Eq 6 and the joint variant: python -m agents.rl.backbone_stage)",
         "init_from": "start from this multi-exit checkpoint (e.g. the stage-1 one) instead of the pretrained encoder",
         "epochs": "training epochs (default 3; RTE 5, MCID 8)",
         "batch_size": "training batch size per process",
@@ -422,11 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         "save_every": "optimizer steps between resumable saves (0: only at epoch ends)",
         "eval_batch_size": "batch size for evaluation",
     }
-    for f in fields(TrainConfig):
+    helps.update(extra_helps or {})
+    for f in fields(cls):
         typ = {int: int, float: float}.get(type(f.default), str)
         if f.name in ("epochs", "max_train_samples"):
             typ = int
-        kw = {"choices": ["eq1", "last", "exit", "joint"]} if f.name == "objective" else {}
+        kw = {"choices": ["eq1", "last"] if cls is TrainConfig else ["exit", "joint"]} if f.name == "objective" else {}
         if f.name == "pooling":
             kw = {"choices": ["mean", "cls"]}
         p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default, help=helps[f.name], **kw)

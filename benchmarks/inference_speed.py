@@ -4,7 +4,7 @@ For each task's dev set and each batch size (default 1 and 32), wall time of
 
 - ``full-loop``:  the full-depth model through the same layer-by-layer loop, last classifier only
 - ``full-hf``:    the full-depth model through the encoder's own (Hugging Face) forward
-- ``ee:<policy>``: :class:`agents.early_exit_model.EarlyExitClassifier` with the policy
+- ``ee:<policy>``: :class:`agents.inference.early_exit_model.EarlyExitClassifier` with the policy
   (every layer's classifier, the policy, rows leaving the batch as they exit)
 - ``ee:full``:     the generic early-exit loop with a policy that never exits (its overhead:
   every layer's classifier and a policy call; a static rule skips those)
@@ -46,10 +46,10 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 import numpy as np
 import torch
 
-from agents.early_exit_model import EarlyExitClassifier, full_depth_logits
+from agents.inference.early_exit_model import EarlyExitClassifier, full_depth_logits
 from agents.evaluate import evaluate
 from agents.policies import ExitPolicy
-from agents.baselines import MaxProbExit
+from agents.policies.heuristics import MaxProbExit
 from agents.predict import parse_rule
 
 TARGETS = {1: 0.9, 32: 0.8}  # ratio measured / predicted speed-up, by batch size

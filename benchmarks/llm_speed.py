@@ -27,14 +27,14 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-sizes", default="", help="also time the static rules on batches of these sizes")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from agents.llm_decode import FullDepth, SoftmaxResponse, StaticExit, generate, generate_batch
+    from agents.llm.decode import FullDepth, SoftmaxResponse, StaticLayer, generate, generate_batch
     from backbones.llm import ExitHeads, alpaca_rows, load_llm, prompt_ids
     from backbones.paths import runs_dir
 
     model, tok, _ = load_llm(verbose=False)
     heads = ExitHeads.from_model(model)
     prompts = [prompt_ids(tok, r) for r in alpaca_rows("eval")[: a.prompts]]
-    rules = {f"static-{t}": StaticExit(int(t)) for t in a.layers.split(",")}
+    rules = {f"static-{t}": StaticLayer(int(t)) for t in a.layers.split(",")}
     rules["full (own loop)"] = FullDepth()
     rules["calm-softmax overhead (no exit)"] = SoftmaxResponse(2.0)
     tokens = {k: 0 for k in [*rules, "hf generate"]}
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
         batch = [prompts[i % len(prompts)] for i in range(bs)]
         for t in [*a.layers.split(","), "full"]:
             name = f"batch {bs}: " + (f"static-{t}" if t != "full" else "full")
-            outs = generate_batch(model, heads, batch, StaticExit(int(t)) if t != "full" else FullDepth(),
+            outs = generate_batch(model, heads, batch, StaticLayer(int(t)) if t != "full" else FullDepth(),
                                   a.max_new_tokens)
             tokens[name], secs[name] = sum(len(g.tokens) for g in outs), outs[0].seconds
     tps = {k: tokens[k] / secs[k] for k in tokens}

@@ -10,7 +10,7 @@ exit layer, no transformer needed)::
 """
 from __future__ import annotations
 
-from cee_env import _numerics  # noqa: F401  (reproducible MKL results; before anything imports torch)
+import backbones._numerics  # noqa: F401  (reproducible MKL results; before anything imports torch)
 
 import gymnasium as gym
 

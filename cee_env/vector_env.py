@@ -9,7 +9,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from cee_env.cache import LayerCache
-from cee_env.env import EXIT, INFO_KEYS, EpisodeTables, resolve_cache
+from cee_env.env import EXIT, EpisodeTables, resolve_cache
 
 
 class EarlyExitVectorEnv(VectorEnv):

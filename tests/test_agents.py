@@ -6,7 +6,8 @@ import torch
 
 from agents.evaluate import evaluate, first_exit, score_exits
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
-from agents.reinforce import Args, reinforce_loss, train
+from agents.reinforce import Args, train
+from agents.rl.losses import reinforce_loss
 from cee_env import make_synthetic_cache
 from cee_env.cache import LayerCache
 

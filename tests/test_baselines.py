@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from agents.baselines import (
+from agents.policies.heuristics import (
     BerxitExit,
     EntropyExit,
     LTEConfig,

@@ -13,7 +13,7 @@ from conftest import N_DEV, N_TRAIN, TINY_TASK, register_tiny_task
 import cee_env
 from backbones import tasks as T
 from backbones.data import Encoded, run_all_layers
-from backbones.multiexit import WEIGHTS_NAME, MultiExitEncoder, load_tokenizer
+from backbones.multiexit import MultiExitEncoder, load_tokenizer
 from cee_env.cache import CacheError, LayerCache, fingerprint, get_cache, load_cache, save_cache
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 from agents import cotrain
-from backbones.policy_net import LayerMLPPolicy
-from backbones.train import exit_layer_loss, joint_loss
+from agents.policies.net import LayerMLPPolicy
+from agents.rl.losses import exit_layer_loss, joint_loss
 from tests.conftest import TINY_TASK
 
 

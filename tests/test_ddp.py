@@ -102,7 +102,7 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_rte_files, tiny_encoder_dir):
 
     # The joint variant (Eq 6 + Eq 5) on top of it: the policy is a second DDP-wrapped module.
     from backbones.multiexit import MultiExitEncoder
-    from backbones.policy_net import LayerMLPPolicy
+    from agents.policies.net import LayerMLPPolicy
 
     hidden = MultiExitEncoder.load(out).encoder.config.hidden_size
     LayerMLPPolicy(hidden, 2, hidden=8).save(tmp_path / "policy0", extra={"task": "RTE"})
@@ -111,7 +111,7 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_rte_files, tiny_encoder_dir):
     args = train_args(tiny_rte_files, tiny_encoder_dir, joint, "--init-from", str(out), "--objective", "joint",
                       "--exit-policy", str(tmp_path / "policy0"), "--memorized", str(tmp_path / "mem.npy"),
                       "--policy-lr", "1e-2")
-    r = launch(tmp_path, ["-m", "backbones.train"], args)
+    r = launch(tmp_path, ["-m", "agents.rl.backbone_stage"], args)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     check_complete(joint)

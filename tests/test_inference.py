@@ -1,4 +1,4 @@
-"""Early-exit inference (agents.early_exit_model, agents.predict) on a tiny BERT built from a config.
+"""Early-exit inference (agents.inference.early_exit_model, agents.predict) on a tiny BERT built from a config.
 
 The central check: the classifier that really skips layers on raw text gives the same
 predictions and exit layers as the evaluator (agents.evaluate) reports for the same
@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertTokenizerFast
 
-from agents.early_exit_model import EarlyExitClassifier, full_depth_logits
+from agents.inference.early_exit_model import EarlyExitClassifier, full_depth_logits
 from agents.evaluate import evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, StaticExit
-from agents.baselines import EntropyExit, MaxProbExit, PatienceExit
+from agents.policies.heuristics import EntropyExit, MaxProbExit, PatienceExit
 from agents.predict import main, parse_rule, read_texts
 from backbones.multiexit import MultiExitEncoder
 from backbones.tasks import load_split

@@ -142,7 +142,7 @@ def test_reinforce_trains_on_token_cache(tmp_runs, tiny_llama, tiny_heads):
 
 
 def test_full_depth_decode_equals_hf_generate(tiny_llama, tiny_heads):
-    from agents.llm_decode import FullDepth, generate
+    from agents.llm.decode import FullDepth, generate
 
     prompt = [5, 17, 42, 8, 3]
     g = generate(tiny_llama, tiny_heads, prompt, FullDepth(), max_new_tokens=12)
@@ -152,8 +152,8 @@ def test_full_depth_decode_equals_hf_generate(tiny_llama, tiny_heads):
 
 
 def test_policy_never_exiting_equals_full_depth(tiny_llama, tiny_heads):
-    from agents.llm_decode import FullDepth, PolicyExit, generate
-    from backbones.policy_net import LayerMLPPolicy
+    from agents.llm.decode import FullDepth, PolicyExit, generate
+    from agents.policies.net import LayerMLPPolicy
 
     net = LayerMLPPolicy(32, 4)
     with torch.no_grad():
@@ -166,14 +166,14 @@ def test_policy_never_exiting_equals_full_depth(tiny_llama, tiny_heads):
 
 @pytest.mark.parametrize("t", [1, 2, 3])
 def test_exit_at_layer_t_gives_layer_t_head_token(tiny_llama, tiny_heads, t):
-    from agents.llm_decode import PolicyExit, StaticExit, generate
+    from agents.llm.decode import PolicyExit, StaticLayer, generate
     from backbones.llm import layer_states
-    from backbones.policy_net import LayerMLPPolicy
+    from agents.policies.net import LayerMLPPolicy
 
     prompt = [11, 4, 60, 2, 90]
     states, _ = layer_states(tiny_llama, torch.tensor([prompt]))
     want = int(tiny_heads.logits(states[-1:, t - 1], t - 1).argmax())
-    g = generate(tiny_llama, tiny_heads, prompt, StaticExit(t), max_new_tokens=1)
+    g = generate(tiny_llama, tiny_heads, prompt, StaticLayer(t), max_new_tokens=1)
     assert g.tokens == [want] and g.exit_layers == [t]
     # a policy whose pi > 0.5 exactly from layer t on
     net = LayerMLPPolicy(32, 4)
@@ -190,13 +190,13 @@ def test_state_copying_kv_matches_copied_state(tiny_llama, tiny_heads):
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from agents.llm_decode import StaticExit, generate
+    from agents.llm.decode import StaticLayer, generate
 
     prompt = [3, 14, 15, 92]
-    g = generate(tiny_llama, tiny_heads, prompt, StaticExit(1), max_new_tokens=3)
+    g = generate(tiny_llama, tiny_heads, prompt, StaticLayer(1), max_new_tokens=3)
     assert g.exit_layers == [1, 1, 1] and len(g.tokens) == 3
     # direct check of copy_state_kv on one position
-    from agents.llm_decode import copy_state_kv
+    from agents.llm.decode import copy_state_kv
 
     layers = tiny_llama.model.layers
     h = torch.randn(1, 1, 32)
@@ -214,7 +214,7 @@ def test_state_copying_kv_matches_copied_state(tiny_llama, tiny_heads):
 
 
 def test_calm_rules_run(tiny_llama, tiny_heads):
-    from agents.llm_decode import Saturation, SoftmaxResponse, generate
+    from agents.llm.decode import Saturation, SoftmaxResponse, generate
 
     for rule in (SoftmaxResponse(0.0), Saturation(-1.0)):
         g = generate(tiny_llama, tiny_heads, [1, 2, 3], rule, max_new_tokens=4)
@@ -266,7 +266,7 @@ def lively_llama():
 
 def _mixed_policy(seed=3):
     """A LayerMLPPolicy over the tiny model's states whose decisions differ between rows, layers and steps."""
-    from backbones.policy_net import LayerMLPPolicy
+    from agents.policies.net import LayerMLPPolicy
 
     torch.manual_seed(seed)
     net = LayerMLPPolicy(32, 4)
@@ -279,11 +279,11 @@ def _mixed_policy(seed=3):
 def test_batched_decoding_equals_one_prompt_at_a_time(lively_llama, kind):
     """Left-padded batches give every row the tokens and exit layers it gets alone (state copying included:
     rows that exit keep feeding their state to the layers the batch still runs)."""
-    from agents.llm_decode import FullDepth, PolicyExit, Saturation, SoftmaxResponse, StaticExit, generate, \
+    from agents.llm.decode import FullDepth, PolicyExit, Saturation, SoftmaxResponse, StaticLayer, generate, \
         generate_batch
 
     model, heads = lively_llama
-    rule = {"full": FullDepth(), "static2": StaticExit(2), "policy": PolicyExit(_mixed_policy()),
+    rule = {"full": FullDepth(), "static2": StaticLayer(2), "policy": PolicyExit(_mixed_policy()),
             "saturation": Saturation(0.5), "softmax": SoftmaxResponse(0.05)}[kind]
     prompts = [[5, 17, 42, 8, 3], [9, 1], [11, 4, 60, 2, 90, 33, 7], [64]]
     alone = [generate(model, heads, p, rule, max_new_tokens=9, eos_ids=[6]) for p in prompts]
@@ -298,8 +298,8 @@ def test_batched_decoding_equals_one_prompt_at_a_time(lively_llama, kind):
 
 
 def test_eval_decode_all_batches_keep_prompt_order(lively_llama):
-    from agents.llm_decode import PolicyExit
-    from agents.llm_eval import decode_all, pick_examples
+    from agents.llm.decode import PolicyExit
+    from agents.llm.eval import decode_all, pick_examples
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):
@@ -352,14 +352,14 @@ def test_lora_stage1_trains_adapters_and_heads_and_merges(tmp_path):
 
 
 def test_rouge_l_identical_texts_score_one_even_without_latin_words():
-    from agents.llm_eval import rouge_l
+    from agents.llm.eval import rouge_l
 
     assert rouge_l(["你好，世界", "a b c"], ["你好，世界", "a b c"]) == 1.0
     assert rouge_l(["the cat sat"], ["the dog sat"]) < 1.0
 
 
 def test_policy_points_parse():
-    from agents.llm_eval import policy_points
+    from agents.llm.eval import policy_points
 
     assert policy_points("0.8:0.3, 0.85:0.9") == [(0.8, 0.3), (0.85, 0.9)]
     assert policy_points("") == []

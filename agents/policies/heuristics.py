@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.policies import ExitPolicy
+from agents.policies.base import ExitPolicy
 from cee_env.cache import LayerCache
 
 

@@ -1,13 +1,13 @@
 """Greedy decoding with token-level early exit on a decoder-only LLM, with the paper's state copying.
 
-    python -m agents.llm_decode --rule policy --policy runs/reinforce/<run> --prompt "Name three colours."
-    python -m agents.llm_decode --rule saturation --threshold 0.95 --prompt "..."
+    python -m agents.llm.decode --rule policy --policy runs/reinforce/<run> --prompt "Name three colours."
+    python -m agents.llm.decode --rule saturation --threshold 0.95 --prompt "..."
 
 Every new token runs the decoder layers one at a time on the single new position (KV cache), for one
 prompt (:func:`generate`) or a left-padded batch (:func:`generate_batch`). After layer l an exit rule
 decides, row by row:
 
-- ``policy``: ConsistentEE, a trained :class:`~backbones.policy_net.LayerMLPPolicy` over the per-layer
+- ``policy``: ConsistentEE, a trained :class:`~agents.policies.net.LayerMLPPolicy` over the per-layer
   state; exit at the first layer with pi(exit | s_l) > 0.5 (the paper's inference rule).
 - ``softmax``: CALM's softmax response, exit when the layer-l head's top-1 minus top-2 probability
   exceeds the threshold (costs one lm_head product per layer visited).
@@ -49,7 +49,7 @@ class FullDepth(ExitRule):
         return torch.zeros(len(h), dtype=torch.bool), None
 
 
-class StaticExit(ExitRule):
+class StaticLayer(ExitRule):
     def __init__(self, layer: int) -> None:  # 1-based exit layer
         self.layer, self.name = int(layer), f"static-{layer}"
 
@@ -233,13 +233,13 @@ def make_rule(kind: str, threshold: float | None = None, policy: str | None = No
     if kind == "full":
         return FullDepth()
     if kind == "static":
-        return StaticExit(layer or 1)
+        return StaticLayer(layer or 1)
     if kind == "softmax":
         return SoftmaxResponse(0.9 if threshold is None else threshold)
     if kind == "saturation":
         return Saturation(0.95 if threshold is None else threshold)
     if kind == "policy":
-        from backbones.policy_net import LayerMLPPolicy
+        from agents.policies.net import LayerMLPPolicy
 
         if not policy:
             raise ValueError("--rule policy needs --policy <folder with policy.safetensors>")

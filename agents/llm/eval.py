@@ -1,12 +1,12 @@
 """ROUGE-L vs speed-up of token-level early exit on SmolLM2-135M: ConsistentEE (alpha sweep) vs CALM.
 
-    python -m agents.llm_eval                                  # defaults: 20 held-out prompts x 48 tokens
-    python -m agents.llm_eval --n-prompts 500 --timing-prompts 40 --batch-size 16   # all 500 held-out prompts
+    python -m agents.llm.eval                                  # defaults: 20 held-out prompts x 48 tokens
+    python -m agents.llm.eval --n-prompts 500 --timing-prompts 40 --batch-size 16   # all 500 held-out prompts
 
 1. Token caches (``cee_env.token_cache``) of training and held-out positions, built on first use.
 2. One ConsistentEE policy per alpha: ``agents.reinforce.train`` on ``cee/Alpaca-v0`` (frozen heads).
 3. Quality: greedy decoding of held-out Alpaca prompts (the last 500 rows; never trained on) at full
-   depth and with every rule (``agents.llm_decode``, state copying on), in left-padded batches of
+   depth and with every rule (``agents.llm.decode``, state copying on), in left-padded batches of
    ``--batch-size`` (the outputs equal one-prompt-at-a-time decoding): ROUGE-L F1 against the full
    model's output and against the reference answer, average exit layer, layer speed-up
    L / avg exit layer.
@@ -90,7 +90,7 @@ def write_outputs(summary: dict, out_dir: Path) -> None:
 def decode_all(model, heads, tok, prompts, rule, max_new_tokens, eos, batch_size: int = 1):
     """Decode ``prompts`` in batches of ``batch_size`` (longest-first, so rows of a batch pad little);
     texts come back in prompt order. ``seconds`` is the summed wall time of the batches' token loops."""
-    from agents.llm_decode import generate_batch
+    from agents.llm.decode import generate_batch
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     gens, secs = [None] * len(prompts), 0.0
@@ -111,7 +111,7 @@ def uniform_exit_prior(num_layers: int, state_dim: int, seed: int = 0):
     """A LayerMLPPolicy whose initial exit probability at layer l is 1/(L - l + 1): sampled exit layers start
     uniform over 1..L. With L = 30 a pi = 0.5 start almost never samples a trajectory past layer ~5, so
     REINFORCE never sees what deep layers earn (and collapses to exiting at layer ~3)."""
-    from backbones.policy_net import LayerMLPPolicy
+    from agents.policies.net import LayerMLPPolicy
 
     torch.manual_seed(seed)
     net = LayerMLPPolicy(state_dim, num_layers)
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
 
-    from agents.llm_decode import FullDepth, PolicyExit, Saturation, SoftmaxResponse, eos_token_ids
+    from agents.llm.decode import FullDepth, PolicyExit, Saturation, SoftmaxResponse, eos_token_ids
     from agents.reinforce import Args, train
     from backbones.llm import (ExitHeads, alpaca_rows, default_heads_dir, heads_model, instruction_text, load_llm,
                                prompt_ids)

@@ -1,8 +1,4 @@
-"""The exit policy network pi(exit | s_l) of ConsistentEE: a model component, trained by agents.
-
-It lives with the backbones because an early-exit model is a backbone plus this
-network, and Eq 6 fine-tuning (backbones.train --objective exit) reads it frozen.
-"""
+"""The exit policy network pi(exit | s_l) of ConsistentEE, trained by the RL agents (Eq 5)."""
 from __future__ import annotations
 
 import json
@@ -25,18 +21,6 @@ def policy_inputs(states, log_probs, features: str):
     if isinstance(states, torch.Tensor):
         return torch.cat([states, torch.exp(log_probs.to(states.dtype))], -1)
     return np.concatenate([states, np.exp(log_probs)], -1).astype(np.float32)
-
-
-def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, alive: torch.Tensor,
-                   returns: torch.Tensor, k: int) -> torch.Tensor:
-    """The paper's Eq 5. ``logits``/``actions``/``alive`` [T, B*K] over steps (alive: the
-    trajectory had not ended before that step), ``returns`` [B*K] with the K copies of an
-    instance adjacent; their mean return is the instance's baseline."""
-    logp_step = -nn.functional.binary_cross_entropy_with_logits(logits, actions, reduction="none")
-    logp_tau = (logp_step * alive).sum(0)
-    r = returns.view(-1, k)
-    adv = (r - r.mean(1, keepdim=True)).reshape(-1)
-    return -(adv * logp_tau).mean()
 
 
 class LayerMLPPolicy(nn.Module):
