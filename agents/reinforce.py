@@ -27,7 +27,6 @@ import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents.runtime import parse_dataclass_args, torch_threads, write_json
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
-from agents.policies.net import policy_inputs
 from agents.rl.losses import reinforce_loss
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
@@ -55,8 +54,9 @@ class Args:
     """hidden units of each layer's policy MLP"""
     shared: bool = False
     """one MLP for all layers with a layer embedding, instead of one per layer"""
-    features: str = "state"
-    """what the policy reads: state (s_l, the paper) or state_probs (s_l and the layer's class probabilities)"""
+    obs: str = "state"
+    """what the policy reads (the env's observation mode): state (s_l, the paper), state_layer, state_probs,
+    confidence (max prob, entropy, patience, ... with the layer and the class probabilities) or state_confidence"""
     exploration: str = "sample"
     """sample: actions ~ Bernoulli(pi) plus epsilon-random; greedy: pi > 0.5 plus epsilon-random (authors' code)"""
     eps_start: float = 0.2
@@ -124,12 +124,12 @@ def _train(args: Args, caches: dict[str, LayerCache]) -> dict:
     n, L = train_cache.num_instances, train_cache.num_layers
     nenv = args.batch_size * args.k
     envs = gym.make_vec(args.env, num_envs=nenv, vectorization_mode="vector_entry_point", task=None,
-                        cache=train_cache, split="train", reward=args.reward, alpha=args.alpha, obs="state" if args.features == "state" else "state_probs")
+                        cache=train_cache, split="train", reward=args.reward, alpha=args.alpha, obs=args.obs)
     if args.init_policy:
         net = LayerMLPPolicy.load(args.init_policy).train()
     else:
-        net = LayerMLPPolicy(envs.single_observation_space.shape[0], L, args.hidden, args.shared, args.features)
-    net.set_normaliser(policy_inputs(np.asarray(train_cache.states), np.asarray(train_cache.log_probs), args.features))
+        net = LayerMLPPolicy(envs.single_observation_space.shape[0], L, args.hidden, args.shared, args.obs)
+    net.set_normaliser(envs.unwrapped.tables.obs)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     policy = LearnedExit(net)
 

@@ -10,9 +10,9 @@ from gymnasium import spaces
 
 from cee_env.cache import LayerCache
 from cee_env.hardness import memorized_layer
+from cee_env.observations import OBS_MODES, bounds, observe
 from cee_env.rewards import REWARDS, exit_reward
 
-OBS_MODES = ("state", "state_layer", "state_probs")
 CONTINUE, EXIT = 0, 1
 INFO_KEYS = ("layer", "prediction", "label", "correct", "memorized_layer", "log_p_true", "index")
 
@@ -102,18 +102,9 @@ class EpisodeTables:
         ):
             table = states.view()
         else:
-            extra = {"state": 0, "state_layer": L, "state_probs": cache.num_classes}[obs]
-            table = np.empty((n, L, H + extra), dtype=np.float32)
-            np.clip(states, -B, B, out=table[..., :H])
-            if obs == "state_layer":
-                table[..., H:] = np.eye(L, dtype=np.float32)[None]
-            elif obs == "state_probs":
-                table[..., H:] = np.clip(np.exp(cache.log_probs), 0.0, 1.0)
+            table = observe(states, cache.log_probs, obs, L, obs_bound)
         table.flags.writeable = False
-        D = table.shape[2]
-        low = np.full(D, -B, dtype=np.float32)
-        high = np.full(D, B, dtype=np.float32)
-        low[H:], high[H:] = 0.0, 1.0
+        low, high = bounds(obs, H, L, cache.num_classes, obs_bound)
         return cls(table, rew, preds, preds == labels[:, None], lp, labels, memorized, low, high)
 
 
@@ -142,6 +133,11 @@ class EarlyExitEnv(gym.Env[np.ndarray, int]):
     | ``state``       | H     | s_l clipped to [-B, B]                                     |
     | ``state_layer`` | H + L | s_l, then a one-hot of l in [0, 1]                         |
     | ``state_probs`` | H + C | s_l, then p_l(. given x), the layer's class probabilities |
+    | ``confidence``  | 6+L+C | max prob, 2nd prob, entropy/log C, agreement with layer l-1, |
+    |                 |       | patience/(L-1), previous max prob; one-hot of l; p_l         |
+    | ``state_confidence`` | H+6+L+C | s_l, then everything ``confidence`` has           |
+
+    (:mod:`cee_env.observations` computes them; an early-exit model gets the same numbers.)
 
     Every call returns a fresh float32 array (a copy of a row of a precomputed table).
 

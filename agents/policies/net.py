@@ -9,24 +9,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from cee_env.observations import OBS_MODES, observe
 
-FEATURES = ("state", "state_probs")
+
+FEATURES = OBS_MODES
 
 
-def policy_inputs(states, log_probs, features: str):
-    """What the policy reads at a layer: the pooled state s_l (the paper), or s_l and the
-    layer's class probabilities p_l (an option). Works on numpy or torch, any leading dims."""
-    if features == "state":
-        return states
-    if isinstance(states, torch.Tensor):
-        return torch.cat([states, torch.exp(log_probs.to(states.dtype))], -1)
-    return np.concatenate([states, np.exp(log_probs)], -1).astype(np.float32)
+def policy_inputs(states, log_probs, features: str, num_layers: int | None = None):
+    """What the policy reads at every layer given: the env's observation ``features`` (an
+    observation mode of :mod:`cee_env.observations`) from states [N, l, H] and log-probs [N, l, C]
+    of layers 1..l. numpy in, numpy out; torch tensors in, a float32 tensor out."""
+    if isinstance(log_probs, torch.Tensor):
+        st = None if states is None else states.detach().float().cpu().numpy()
+        return torch.from_numpy(observe(st, log_probs.detach().float().cpu().numpy(), features, num_layers))
+    return observe(states, log_probs, features, num_layers)
 
 
 class LayerMLPPolicy(nn.Module):
     """pi(exit | s_l): per layer a two-layer MLP (H -> hidden -> 1, GELU, sigmoid), as in the paper.
 
-    ``state_dim`` is the input size: H for ``features="state"``, H + C for "state_probs".
+    ``state_dim`` is the input size, the size of the observation mode ``features`` reads
+    (:func:`cee_env.observations.obs_size`: H for the paper's "state").
     ``shared=True`` uses one MLP for all layers with a learned layer embedding added
     to its hidden units. States are standardised with per-feature statistics
     ``mean``/``std`` taken from the training cache (stored with the policy).

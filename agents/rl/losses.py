@@ -24,7 +24,7 @@ def reinforce_loss(logits: torch.Tensor, actions: torch.Tensor, alive: torch.Ten
 def _policy_logits(exit_net, states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Exit logits [B, L] of the policy on detached live states (and probabilities, if it reads them)."""
     features = getattr(getattr(exit_net, "module", exit_net), "features", "state")
-    return exit_net(policy_inputs(states.detach().float(), logits.detach().float().log_softmax(-1), features))
+    return exit_net(policy_inputs(states, logits.detach().float().log_softmax(-1), features).to(logits.device))
 
 
 def exit_layer_loss(logits: torch.Tensor, states: torch.Tensor, labels: torch.Tensor, exit_net) -> torch.Tensor:
