@@ -11,7 +11,7 @@ from gymnasium import spaces
 from cee_env.cache import LayerCache
 from cee_env.hardness import memorized_layer
 from cee_env.observations import OBS_MODES, bounds, observe
-from cee_env.rewards import REWARDS, exit_reward
+from cee_env.rewards import REWARDS, exit_quality, exit_reward
 
 CONTINUE, EXIT = 0, 1
 INFO_KEYS = ("layer", "prediction", "label", "correct", "memorized_layer", "log_p_true", "index")
@@ -93,7 +93,7 @@ class EpisodeTables:
         lp = np.take_along_axis(cache.log_probs, np.maximum(labels, 0)[:, None, None], axis=2)[..., 0]
         lp = np.where(labels[:, None] >= 0, lp, 0.0).astype(np.float64)
         t = np.arange(1, L + 1)[None, :]
-        rew = exit_reward(lp, t, alpha, reward, memorized[:, None], L)
+        rew = exit_reward(exit_quality(reward, lp, preds, labels), t, alpha, reward, memorized[:, None], L)
 
         B = np.float32(obs_bound)
         states = cache.states
