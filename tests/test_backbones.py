@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import N_DEV, N_TRAIN, TINY_TASK, TINY_TRAIN
+from conftest import N_DEV, N_TRAIN, TINY_TASK, TINY_TRAIN, make_rows
 
 import backbones.train as tr
 from backbones import tasks as T
 from backbones.data import Encoded, run_all_layers
+from backbones.paths import REPO_ROOT
 from backbones.multiexit import (
     CONFIG_NAME, WEIGHTS_NAME, MultiExitConfig, MultiExitEncoder, load_tokenizer, weighted_exit_loss,
 )
@@ -266,12 +270,30 @@ def test_objective_last_from_the_command_line(tmp_runs, tiny_task, tiny_encoder_
     assert not torch.equal(trained.heads[1][1].weight, init.heads[1][1].weight)
 
 
-def test_cli_help_documents_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        tr.build_parser().parse_args(["--help"])
-    text = capsys.readouterr().out
-    for f in ("--task", "--model", "--objective", "--save-every", "--train-file", "--out"):
-        assert f in text
+def test_own_task_from_a_task_file_on_the_command_line(tmp_path, tiny_encoder_dir):
+    """A JSON task file beside CSV files, trained by ``python -m backbones.train --task-file`` in a fresh
+    process (which has no in-process user tasks): the file alone defines the task."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n, seed in (("train", N_TRAIN, 5), ("dev", N_DEV, 6)):
+        (data / f"{split}.csv").write_text("review,stars\n" + "".join(f"{s},{'five' if y else 'one'}\n"
+                                                                      for s, y in make_rows(n, seed)))
+    task_file = tmp_path / "reviews.json"
+    task_file.write_text(json.dumps({"name": "Reviews", "train": "data/train.csv", "dev": "data/dev.csv",
+                                     "text_a": "review", "label": "stars", "label_names": ["one", "five"],
+                                     "metric": "accuracy"}))
+    env = {**os.environ, "CEE_RUNS_DIR": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    flags = {**TINY_TRAIN, "epochs": 2, "save_every": 0}
+    cmd = [sys.executable, "-m", "backbones.train", "--task-file", str(task_file), "--model", str(tiny_encoder_dir),
+           *[x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))]]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = tmp_path / "runs" / "stage1" / "Reviews-tiny-bert-cls-eq1-s0"  # named after the file's task
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "Reviews" and metrics["dev"]["n"] == N_DEV and metrics["metric"] == "accuracy"
+    assert metrics["config"]["task_file"] == str(task_file)
+    assert MultiExitEncoder.load(out).config.label_names == ("one", "five")
 
 
 # --------------------------------------------------------------------------- real weights
