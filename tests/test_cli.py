@@ -17,6 +17,9 @@ from backbones.paths import REPO_ROOT
 ENTRY_POINTS = [
     ("backbones.train", "TrainConfig"),
     ("agents.rl.backbone_stage", "StageConfig"),
+    ("backbones.llm.train", "Stage1Args"),
+    ("agents.llm.decode", "DecodeArgs"),
+    ("agents.llm.eval", "EvalArgs"),
 ]
 
 
@@ -131,3 +134,25 @@ def test_exit_code_2_and_one_line_from_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "backbones.train", "--epochs", "0"], cwd=REPO_ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr == "error: --epochs must be >= 1; got 0\n", r.stderr
+
+
+# --------------------------------------------------------------------------- the LLM commands
+def test_llm_flags_keep_their_spelling():
+    from backbones.llm.train import Stage1Args
+
+    a = parse(Stage1Args, ["--no-affine", "--loss", "hard", "--n-prompts", "48", "--per-prompt", "16"])
+    assert (a.affine, a.loss, a.n_prompts, a.per_prompt, a.compare) == (False, "hard", 48, 16, ())
+    assert parse(Stage1Args, ["--compare", "h1", "h2"]).compare == ("h1", "h2")
+
+
+@pytest.mark.parametrize("module,argv,line", [
+    ("agents.llm.eval", ["--alphas", "0.5,x"], "error: --alphas expects comma-separated numbers; got '0.5,x'"),
+    ("agents.llm.eval", ["--policy-points", "0.3:0.1"], "error: --policy-points 0.3:0.1: alpha 0.3 is not in --alphas"),
+    ("agents.llm.decode", ["--prompt", "hi", "--rule", "policy"], "error: --rule policy needs --policy"),
+])
+def test_llm_user_errors_before_any_model_loads(module, argv, line, capsys, monkeypatch):
+    monkeypatch.delenv("CEE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
