@@ -20,6 +20,11 @@ ENTRY_POINTS = [
     ("backbones.llm.train", "Stage1Args"),
     ("agents.llm.decode", "DecodeArgs"),
     ("agents.llm.eval", "EvalArgs"),
+    ("agents.predict", "PredictArgs"),
+    ("agents.cotrain", "Args"),
+    ("benchmarks.env_throughput", "Args"),
+    ("benchmarks.inference_speed", "Args"),
+    ("benchmarks.llm_speed", "Args"),
 ]
 
 
@@ -136,7 +141,7 @@ def test_exit_code_2_and_one_line_from_a_real_process(tmp_path):
     assert r.returncode == 2 and r.stderr == "error: --epochs must be >= 1; got 0\n", r.stderr
 
 
-# --------------------------------------------------------------------------- the LLM commands
+# --------------------------------------------------------------------------- the other commands
 def test_llm_flags_keep_their_spelling():
     from backbones.llm.train import Stage1Args
 
@@ -149,8 +154,11 @@ def test_llm_flags_keep_their_spelling():
     ("agents.llm.eval", ["--alphas", "0.5,x"], "error: --alphas expects comma-separated numbers; got '0.5,x'"),
     ("agents.llm.eval", ["--policy-points", "0.3:0.1"], "error: --policy-points 0.3:0.1: alpha 0.3 is not in --alphas"),
     ("agents.llm.decode", ["--prompt", "hi", "--rule", "policy"], "error: --rule policy needs --policy"),
+    ("agents.cotrain", ["--env", "cee/Nope-v0"], "error: unknown task 'Nope'"),
+    ("agents.cotrain", ["--env", "Nope"], "error: --env Nope: Environment `Nope` doesn't exist."),
+    ("benchmarks.inference_speed", ["--checkpoint", "ck"], "error: --checkpoint / --dev-file need exactly one task"),
 ])
-def test_llm_user_errors_before_any_model_loads(module, argv, line, capsys, monkeypatch):
+def test_user_errors_before_any_model_loads(module, argv, line, capsys, monkeypatch):
     monkeypatch.delenv("CEE_DEBUG", raising=False)
     with pytest.raises(SystemExit) as e:
         importlib.import_module(module).main(argv)
