@@ -2,7 +2,7 @@
 
     python -m agents.cotrain --env cee/RTE-v0 --rounds 3
     python -m agents.cotrain --env cee/MRPC-v0 --alpha 0.1 --joint     # the joint variant (Eq 6 + Eq 5)
-    ACCELERATE_USE_CPU=true python -m agents.cotrain --env cee/RTE-v0 \
+    ACCELERATE_USE_CPU=true python -m agents.cotrain --env cee/RTE-v0 \\
         --launcher "accelerate launch --multi_gpu --num_processes 2"    # backbone stage as DDP on 2 CPU processes
 
 Round 0 starts from the stage-1 checkpoint (Eq 1). In round r:
@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,9 +40,10 @@ import numpy as np
 
 import cee_env  # noqa: F401
 from agents import reinforce
-from agents.runtime import parse_dataclass_args, write_json
+from agents.runtime import write_json
 from agents.evaluate import EvalResult
 from agents.policies import StaticExit
+from backbones.cli import UserError, parse, user_errors
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache, get_cache
 from cee_env.hardness import forgetting_events, memorized_layer, table1_correlation
@@ -74,17 +74,22 @@ class Args:
     launcher: str = ""
     """run the backbone stage as a subprocess under this launcher, e.g. 'accelerate launch --multi_gpu --num_processes 2' (on a CPU-only machine with ACCELERATE_USE_CPU=true set)"""
     checkpoint: str | None = None
-    """stage-1 checkpoint to start from (default: the task's default, trained if missing)"""
+    """stage-1 checkpoint to start from; None: the task's default one (trained if missing)"""
     data_dir: str | None = None
-    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
+    """data directory; None: $CEE_DATA_DIR or ../shared/data"""
     seed: int = 0
     """random seed"""
     name: str | None = None
-    """run folder name under runs/cotrain (default <Task>-a<alpha>-s<seed>)"""
+    """run folder name under runs/cotrain; None: <Task>-a<alpha>-s<seed>"""
 
 
 def task_of(env_id: str) -> str:
-    return cee_env.env_task(env_id)
+    import gymnasium as gym
+
+    try:
+        return cee_env.env_task(env_id)
+    except gym.error.Error as e:  # e.g. no such environment
+        raise UserError(f"--env {env_id}: {e}") from None
 
 
 def caches_for(task: str, ckpt: Path, data_dir: str | None) -> dict[str, LayerCache]:
@@ -256,9 +261,10 @@ def print_summary(s: dict, root: Path) -> None:
     print(f"Figure 2: {root / 'figure2_layer_accuracy.png'}\nsummary: {root / 'summary.json'}")
 
 
-def parse_args(argv=None) -> Args:
-    return parse_dataclass_args(Args, argv, __doc__)
+@user_errors
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse(Args, argv, __doc__))
 
 
 if __name__ == "__main__":
-    run(parse_args(sys.argv[1:]))
+    main()

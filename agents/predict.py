@@ -2,6 +2,7 @@
 
     python -m agents.predict --run runs/reinforce/<run> --input texts.txt
     python -m agents.predict --run DIR --task RTE --input dev.tsv --out preds.tsv
+    python -m agents.predict --run DIR --task-file my_task.toml --split test   # your own task's test file
     python -m agents.predict --checkpoint runs/stage1/RTE-all-MiniLM-L6-v2-mean-eq1-s0 --rule static-3 \\
         --text "A man is sleeping." --text-b "Nobody sleeps."
 
@@ -9,8 +10,9 @@ Input: ``--input FILE`` is a plain text file (one instance per line; a tab split
 line into a sentence pair; blank lines are skipped), or with ``--task`` a file in
 that task's format (read by ``backbones.tasks.load_split``; gold labels, if any,
 are scored). ``--task`` without ``--input`` reads the task's ``--split`` from the
-data directory. ``--text`` (repeatable, with optional matching ``--text-b``)
-classifies texts given on the command line.
+data directory. ``--task-file`` stands for ``--task`` with your own task (a JSON or
+TOML file, ``backbones.tasks.load_task_file``). ``--text`` (repeatable, with
+optional matching ``--text-b``) classifies texts given on the command line.
 
 Output: TSV with a header, one line per instance in input order: index, label,
 exit layer (1-based) and the probability of the label (+ the gold label when the
@@ -24,14 +26,16 @@ a row agree).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from agents.policies import ExitPolicy, StaticExit
+from backbones.cli import Repeatable, UserError, parse, user_errors
+from backbones.files import write_text
 
 __all__ = ["parse_rule", "read_texts", "main"]
 
@@ -86,98 +90,103 @@ def read_texts(path: str | Path) -> tuple[list[str], list[str] | None]:
     return a, (b if any(b) else None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agents.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("model (a policy run, or a checkpoint plus a rule)")
-    src.add_argument("--run", help="policy run directory of agents.reinforce (policy.safetensors + policy.json) or "
-                                   "agents.sb3 (model.zip + sb3_policy.json); its backbone is the checkpoint named "
-                                   "in the run's JSON unless --checkpoint")
-    src.add_argument("--checkpoint", help="stage-1 (multi-exit) checkpoint directory")
-    src.add_argument("--rule", help="exit rule with --checkpoint: static-K, full, maxprob:THR, entropy:THR, "
-                                    "patience:K (see above)")
-    src.add_argument("--threshold", type=float, default=None,
-                     help="exit threshold of a learned policy (default: policy.json's, else 0.5)")
-    inp = p.add_argument_group("input")
-    inp.add_argument("--input", help="text file (one text per line, tab-separated pairs) or, with --task, a task file")
-    inp.add_argument("--task", help="read --input (or the task's --split from the data directory) in this task's format")
-    inp.add_argument("--split", default="dev", help="split name for --task (default dev)")
-    inp.add_argument("--data-dir", default=None, help="data directory for --task without --input")
-    inp.add_argument("--text", action="append", default=None, help="a text to classify (repeatable)")
-    inp.add_argument("--text-b", action="append", default=None, help="second text of a pair, one per --text")
-    run = p.add_argument_group("running")
-    run.add_argument("--batch-size", type=int, default=32, help="instances per batch (default 32)")
-    run.add_argument("--sort-by-length", action="store_true", help="batch similar lengths together (less padding)")
-    run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    run.add_argument("--out", help="write the TSV here (default stdout)")
-    return p
+@dataclass
+class PredictArgs:
+    """Settings of ``python -m agents.predict``; every field is a flag."""
+
+    run: str | None = None
+    """model: a policy run directory of agents.reinforce (policy.safetensors + policy.json) or agents.sb3
+    (model.zip + sb3_policy.json); its backbone is the checkpoint named in the run's JSON unless --checkpoint"""
+    checkpoint: str | None = None
+    """model: a stage-1 (multi-exit) checkpoint directory"""
+    rule: str | None = None
+    """exit rule with --checkpoint: static-K, full, maxprob:THR, entropy:THR, patience:K (see above)"""
+    threshold: float | None = None
+    """exit threshold of a learned policy; None: policy.json's, else 0.5"""
+    input: str | None = None
+    """input: a text file (one text per line, tab-separated pairs) or, with --task, a file of the task's format"""
+    task: str | None = None
+    """read --input (or the task's --split from the data directory) in this task's format"""
+    task_file: str | None = None
+    """a JSON or TOML file describing your own task (see backbones.tasks.load_task_file); stands for --task"""
+    split: str = "dev"
+    """split name for --task"""
+    data_dir: str | None = None
+    """data directory for --task without --input"""
+    text: Repeatable = ()
+    """a text to classify"""
+    text_b: Repeatable = ()
+    """second text of a pair, one per --text"""
+    batch_size: int = 32
+    """instances per batch"""
+    sort_by_length: bool = False
+    """batch similar lengths together (less padding)"""
+    threads: int | None = None
+    """torch threads; None: torch's default"""
+    out: str | None = None
+    """write the TSV here; None: stdout"""
 
 
-def _load_inputs(args, parser) -> tuple[list[str], list[str] | None, np.ndarray | None, object]:
-    if args.text:
-        if args.input or args.task:
-            parser.error("give either --text or --input/--task, not both")
-        if args.text_b is not None and len(args.text_b) != len(args.text):
-            parser.error(f"{len(args.text_b)} --text-b for {len(args.text)} --text; give one per --text or none")
-        return list(args.text), args.text_b, None, None
-    if args.task:
+def check_args(a: PredictArgs) -> None:
+    """Raise a :class:`UserError` for flags that do not fit together or name missing files."""
+    if not a.run and not a.checkpoint:
+        raise UserError("give --run DIR (a policy run) or --checkpoint DIR with --rule RULE")
+    if a.run and a.rule:
+        raise UserError("--rule replaces a policy run's policy; give --run or --rule, not both")
+    if a.checkpoint and not a.run and not a.rule:
+        raise UserError("--checkpoint needs --rule (e.g. static-3) or --run")
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1; got {a.batch_size}")
+    if a.task and a.task_file:
+        raise UserError("give --task or --task-file, not both")
+    if a.text and (a.input or a.task or a.task_file):
+        raise UserError("give either --text or --input/--task, not both")
+    if a.text_b and len(a.text_b) != len(a.text):
+        raise UserError(f"{len(a.text_b)} --text-b for {len(a.text)} --text; give one per --text or none")
+    if not (a.text or a.input or a.task or a.task_file):
+        raise UserError("nothing to classify: give --input FILE, --task TASK or --text TEXT")
+    for flag, path in (("policy run directory", a.run), ("checkpoint directory", a.checkpoint)):
+        if path and not Path(path).is_dir():
+            raise UserError(f"{flag} not found: {path}")
+    if a.input and not Path(a.input).is_file():
+        raise UserError(f"input file not found: {a.input}")
+
+
+def _load_inputs(a: PredictArgs) -> tuple[list[str], list[str] | None, np.ndarray | None, object]:
+    if a.text:
+        return list(a.text), (list(a.text_b) or None), None, None
+    if a.task or a.task_file:
         from backbones import tasks as T
 
-        spec = T.get_task(args.task)
-        ds = T.load_split(spec, args.split, data_dir=args.data_dir, path=args.input)
+        spec = T.load_task_file(a.task_file) if a.task_file else T.get_task(a.task)
+        ds = T.load_split(spec, a.split, data_dir=a.data_dir, path=a.input)
         labels = np.asarray(ds["label"], dtype=np.int64)
         return list(ds["text_a"]), list(ds["text_b"]), (labels if (labels >= 0).all() else None), spec
-    if args.input:
-        a, b = read_texts(args.input)
-        return a, b, None, None
-    parser.error("nothing to classify: give --input FILE, --task TASK or --text TEXT")
+    return (*read_texts(a.input), None, None)
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from backbones.tasks import TaskError
+    a = parse(PredictArgs, argv, __doc__)
+    check_args(a)
+    policy = parse_rule(a.rule) if a.rule else None
+    texts, texts_b, gold, spec = _load_inputs(a)
+    import torch
 
-    if not args.run and not args.checkpoint:
-        parser.error("give --run DIR (a policy run) or --checkpoint DIR with --rule RULE")
-    if args.run and args.rule:
-        parser.error("--rule replaces a policy run's policy; give --run or --rule, not both")
-    if args.checkpoint and not args.run and not args.rule:
-        parser.error("--checkpoint needs --rule (e.g. static-3) or --run")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
-    if args.run and not Path(args.run).is_dir():
-        parser.error(f"policy run directory not found: {args.run}")
-    if args.checkpoint and not Path(args.checkpoint).is_dir():
-        parser.error(f"checkpoint directory not found: {args.checkpoint}")
-    if args.input and not Path(args.input).is_file():
-        parser.error(f"input file not found: {args.input}")
-    try:
-        policy = parse_rule(args.rule) if args.rule else None
-        texts, texts_b, gold, spec = _load_inputs(args, parser)
-        import torch
+    from agents.inference.early_exit_model import EarlyExitClassifier
 
-        from agents.inference.early_exit_model import EarlyExitClassifier
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.run:
-            clf = EarlyExitClassifier.from_run(args.run, checkpoint=args.checkpoint, threshold=args.threshold)
-        else:
-            clf = EarlyExitClassifier.from_checkpoint(args.checkpoint, policy)
-        t0 = time.perf_counter()
-        res = clf.predict(texts, texts_b, batch_size=args.batch_size, sort_by_length=args.sort_by_length)
-        dt = time.perf_counter() - t0
-    except (FileNotFoundError, TaskError, ValueError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.run:
+        clf = EarlyExitClassifier.from_run(a.run, checkpoint=a.checkpoint, threshold=a.threshold)
+    else:
+        clf = EarlyExitClassifier.from_checkpoint(a.checkpoint, policy)
+    t0 = time.perf_counter()
+    res = clf.predict(texts, texts_b, batch_size=a.batch_size, sort_by_length=a.sort_by_length)
+    dt = time.perf_counter() - t0
     tsv = res.to_tsv(gold)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(tsv)
-        tmp.replace(out)
+    if a.out:
+        write_text(a.out, tsv)
     else:
         sys.stdout.write(tsv)
     hist = np.bincount(res.exit_layers, minlength=res.num_layers + 1)[1:].tolist()
@@ -187,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         from backbones.tasks import compute_metric
 
         msg += f", {spec.metric} {100 * compute_metric(spec, res.label_ids, gold):.1f}"
-    if args.out:
-        msg += f"; wrote {args.out}"
+    if a.out:
+        msg += f"; wrote {a.out}"
     print(msg, file=sys.stderr)
     return 0
 

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask
 
+from backbones.files import write_json, write_with
 from backbones.paths import DEFAULT_ENCODER, resolve_model
 
 CONFIG_NAME = "multiexit.json"
@@ -99,10 +100,8 @@ class MultiExitEncoder(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "tokenizer")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, out / WEIGHTS_NAME)
-        _atomic_write_text(out / CONFIG_NAME, json.dumps(asdict(self.config), indent=2))
+        write_with(out / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
+        write_json(out / CONFIG_NAME, asdict(self.config), indent=2)
 
     @classmethod
     def load(cls, ckpt_dir: str | os.PathLike) -> "MultiExitEncoder":
@@ -182,8 +181,3 @@ def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor, objective: st
     w = torch.arange(1, n_layers + 1, dtype=ce.dtype, device=ce.device)
     return (w * ce).sum() / w.sum()
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -34,7 +35,7 @@ from backbones import paths
 
 __all__ = [
     "TaskError", "TaskFileNotFound", "UnknownTaskError", "TaskSpec", "TASKS",
-    "get_task", "register_task", "task_from_file", "load_split", "compute_metric", "metric_name",
+    "get_task", "register_task", "task_from_file", "load_task_file", "load_split", "compute_metric", "metric_name",
 ]
 
 FORMATS = ("glue_tsv", "csv_tsv", "mrpc_raw", "jsonl", "csv")
@@ -389,6 +390,80 @@ def task_from_file(name: str, train_path: str | Path, text_a: str, label: str, t
                     description=f"user task from {train}")
     register_task(spec)
     return spec
+
+
+# key of a task file -> (required?, what it holds)
+_TASK_FILE_KEYS: dict[str, tuple[bool, str]] = {
+    "name": (True, "the task's name"), "train": (True, "the train file"), "dev": (False, "the dev file"),
+    "test": (False, "a labelled test file"), "text_a": (True, "the text column"),
+    "text_b": (False, "the second text column of a pair"), "label": (True, "the label column"),
+    "label_names": (False, "a list of two or more label names"), "metric": (True, "accuracy or f1"),
+    "fmt": (False, "a file format: " + ", ".join(FORMATS)),
+}
+
+
+def load_task_file(path: str | Path) -> TaskSpec:
+    """Register the task described by a small JSON or TOML file (by extension) and return it.
+
+    Keys: ``name``, ``train`` and optionally ``dev`` / ``test`` (data files; relative paths are
+    resolved against the task file's folder), ``text_a``, optionally ``text_b``, ``label`` (column
+    names), optionally ``label_names``, ``metric`` (``accuracy`` or ``f1``) and optionally ``fmt``
+    (as :func:`task_from_file`, which reads the files)::
+
+        name = "Reviews"
+        train = "train.csv"
+        dev = "dev.csv"
+        text_a = "review"
+        label = "sentiment"
+        metric = "accuracy"
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise TaskFileNotFound(f"task file not found: {file}")
+    text = file.read_text(encoding="utf-8-sig")
+    try:
+        if file.suffix.lower() == ".json":
+            d = json.loads(text)
+        elif file.suffix.lower() == ".toml":
+            d = tomllib.loads(text)
+        else:
+            raise TaskError(f"task file {file}: expected a .json or .toml file")
+    except json.JSONDecodeError as e:
+        raise TaskError(f"task file {file}, line {e.lineno}: invalid JSON ({e.msg})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TaskError(f"task file {file}: invalid TOML ({e})") from None
+    if not isinstance(d, dict):
+        raise TaskError(f"task file {file}: expected a table of keys, got {type(d).__name__}")
+    unknown = [k for k in d if k not in _TASK_FILE_KEYS]
+    if unknown:
+        raise TaskError(f"task file {file}: unknown key {unknown[0]!r}; expected keys {', '.join(_TASK_FILE_KEYS)}")
+    for k, (required, what) in _TASK_FILE_KEYS.items():
+        if k not in d:
+            if required:
+                raise TaskError(f"task file {file}: missing key {k!r} ({what})")
+            continue
+        v, choices = d[k], {"metric": METRICS, "fmt": FORMATS}.get(k)
+        if k == "label_names":
+            ok = isinstance(v, list) and len(v) >= 2 and all(isinstance(x, str) for x in v)
+        elif choices:
+            ok = isinstance(v, str) and v in choices
+        else:
+            ok, what = isinstance(v, str) and v.strip() != "", f"a non-empty string ({what})"
+        if not ok:
+            raise TaskError(f"task file {file}: key {k!r} must be {what}; got {v!r}")
+
+    def data_file(k: str) -> Path | None:
+        if k not in d:
+            return None
+        p = Path(d[k]).expanduser()
+        return p if p.is_absolute() else file.parent / p
+
+    try:
+        return task_from_file(d["name"], data_file("train"), text_a=d["text_a"], label=d["label"],
+                              text_b=d.get("text_b"), dev_path=data_file("dev"), test_path=data_file("test"),
+                              label_names=d.get("label_names"), metric=d["metric"], fmt=d.get("fmt"))
+    except TaskError as e:
+        raise type(e)(f"task file {file}: {e}") from None
 
 
 def metric_name(task: str | TaskSpec) -> str:

@@ -3,6 +3,7 @@
     python -m backbones.train --task RTE
     python -m backbones.train --task MRPC --objective last
     python -m backbones.train --task RTE --holdout 0.3     # keep 30% of train out of stage 1 (calib rows)
+    python -m backbones.train --task-file my_task.toml     # your own task (backbones.tasks.load_task_file)
     accelerate launch --multi_gpu --num_processes 2 -m backbones.train --task RTE   # DDP, unchanged
     (on a CPU-only machine: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...)
 
@@ -14,22 +15,22 @@ saved step when started again with the same flags.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Protocol
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from backbones import tasks as T
+from backbones.cli import UserError, parse, user_errors
 from backbones.data import Encoded, length_grouped_order, model_inputs, run_all_layers
+from backbones.files import save_npy, write_json
 from backbones.multiexit import WEIGHTS_NAME, MultiExitEncoder, default_pooling, load_tokenizer, weighted_exit_loss
 from backbones.paths import DEFAULT_ENCODER, resolve_model, runs_dir
 from backbones.protocol import Partition, checkpoint_suffix, partition
@@ -64,34 +65,88 @@ class Objective(Protocol):
 
 @dataclass
 class TrainConfig:
+    """Stage-1 training settings; every field is a flag of ``python -m backbones.train``."""
+
     task: str = "RTE"
+    """task name: RTE, MRPC, SST2, QNLI, MCID, StackOverflow, or a user task (see --task-file)"""
+    task_file: str | None = None
+    """a JSON or TOML file describing your own task (name, train/dev/test files, columns, labels, metric;
+    see backbones.tasks.load_task_file); it replaces --task"""
     model: str = DEFAULT_ENCODER
-    pooling: str | None = None  # None: mean for sentence-transformers checkpoints, cls otherwise
-    objective: str = "eq1"  # eq1 (all exits, w_l = l) or last; other names come with an Objective (train(objective=))
-    init_from: str | None = None  # start from this multi-exit checkpoint instead of the pretrained encoder
-    epochs: int | None = None  # None: task default (3)
+    """encoder: the packaged all-MiniLM-L6-v2 by default, or any BERT-family local path / hub name"""
+    pooling: Literal["mean", "cls"] | None = None
+    """state the exits read: mean (masked mean of tokens) or cls ([CLS] through a shared pooler);
+    None: mean for sentence-transformers checkpoints, cls otherwise"""
+    objective: Literal["eq1", "last"] = "eq1"  # other names come with an Objective (train(cfg, objective=...))
+    """eq1: weighted CE over all exits (paper Eq 1-2, w_l = l); last: plain fine-tune of the last layer
+    (Eq 6 and the joint variant: python -m agents.rl.backbone_stage)"""
+    init_from: str | None = None
+    """start from this multi-exit checkpoint (e.g. the stage-1 one) instead of the pretrained encoder"""
+    epochs: int | None = None
+    """training epochs; None: the task's default (3; RTE 5, MCID 8)"""
     batch_size: int = 32
-    lr: float = 5e-5  # encoder
-    head_lr: float = 5e-4  # internal classifiers and pooler (freshly initialised)
+    """training batch size per process"""
+    lr: float = 5e-5
+    """peak learning rate of the encoder"""
+    head_lr: float = 5e-4
+    """peak learning rate of the internal classifiers and pooler (freshly initialised)"""
     weight_decay: float = 0.01
+    """AdamW weight decay of encoder weights"""
     warmup: float = 0.1
+    """fraction of steps with linear warm-up (then linear decay to 0)"""
     max_length: int = 128
+    """maximum tokens per instance (pairs are truncated longest-first)"""
     max_train_samples: int | None = None
-    holdout: float = 0.0  # hold out this stratified fraction of train (calib rows); the backbone never sees it
-    folds: int = 0  # cross-fitting: split train into this many stratified folds ...
-    fold: int = 0  # ... and train on every fold but this one
+    """train on a random subset of this size; None: the task's default (SST2 8000, StackOverflow 6000,
+    else all); 0: all"""
+    holdout: float = 0.0
+    """hold out this stratified fraction of the train split (calib rows, never trained on); 0: train on all"""
+    folds: int = 0
+    """cross-fitting: split the train split into this many stratified folds (0: off) ..."""
+    fold: int = 0
+    """... and train on every fold but this one (0-based)"""
     seed: int = 0
+    """random seed (data order, initialisation, subsets and folds)"""
     data_dir: str | None = None
+    """data directory; None: $CEE_DATA_DIR or ../shared/data"""
     train_file: str | None = None
+    """train file path, overriding the task's (same format)"""
     dev_file: str | None = None
+    """dev file path, overriding the task's"""
     test_file: str | None = None
+    """labelled test file of the task's format; scored at the end"""
     out: str | None = None
-    save_every: int = 100  # optimizer steps between resumable saves
+    """checkpoint directory; None: runs/stage1/<task>-<model>-<pooling>-<objective>-s<seed>"""
+    save_every: int = 100
+    """optimizer steps between resumable saves (0: only at epoch ends)"""
     eval_batch_size: int = 64
+    """batch size for evaluation"""
+
+    def check(self) -> None:
+        """Raise a :class:`~backbones.cli.UserError` naming the flag of the first value out of range."""
+        checks = [
+            (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1", self.epochs),
+            (self.batch_size >= 1, "--batch-size must be >= 1", self.batch_size),
+            (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1", self.eval_batch_size),
+            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a finite number > 0", self.lr),
+            (self.head_lr > 0 and math.isfinite(self.head_lr), "--head-lr must be a finite number > 0", self.head_lr),
+            (0 <= self.holdout < 1, "--holdout must be in [0, 1)", self.holdout),
+            (self.folds == 0 or self.folds >= 2, "--folds must be 0 (off) or >= 2", self.folds),
+            (0 <= self.fold < max(self.folds, 1),
+             f"--fold must be in 0..{self.folds - 1}" if self.folds else "--fold needs --folds", self.fold),
+            (not (self.holdout and self.folds), "--holdout and --folds exclude each other; give one",
+             (self.holdout, self.folds)),
+        ]
+        for ok, msg, got in checks:
+            if not ok:
+                raise UserError(f"{msg}; got {got}")
 
     def resolved(self) -> "TrainConfig":
+        """A copy with the defaults filled in: the task's name (and registration, for --task-file), the
+        task's defaults, the pooling. Raises a user error for values out of range."""
+        self.check()
         c = replace(self)
-        c.task = T.get_task(c.task).name
+        c.task = T.load_task_file(c.task_file).name if c.task_file else T.get_task(c.task).name
         for k, v in TASK_DEFAULTS.get(c.task, {}).items():
             if getattr(c, k) is None:
                 setattr(c, k, v)
@@ -215,17 +270,16 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(c), indent=2))
+        write_json(out / "train_config.json", asdict(c), indent=2)
         writer = SummaryWriter(str(runs_dir() / "tb" / "stage1" / tb_name(out)))
 
     def save_state(epoch: int, step_in_epoch: int, global_step: int) -> None:
         acc.wait_for_everyone()
         acc.save_state(str(state_dir))
         if acc.is_main_process:
-            np.save(state_dir / "train_correct.npy", correct)
-            tmp = state_dir / "progress.json.tmp"
-            tmp.write_text(json.dumps({"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}))
-            os.replace(tmp, state_dir / "progress.json")
+            save_npy(state_dir / "train_correct.npy", correct)
+            write_json(state_dir / "progress.json",
+                       {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step})
         acc.wait_for_everyone()  # no rank runs ahead (and may crash, killing the main one) mid-save
 
     t0 = time.time()
@@ -279,13 +333,11 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> Path:
         result = evaluate_checkpoint_model(model_, tok, c, dev_ds, test_ds)
         result["wall_time_s"] = round(time.time() - t0, 1)
         result["config"] = asdict(c)
-        np.save(out / "train_correct.npy", correct)
+        save_npy(out / "train_correct.npy", correct)
         model_.save(out, tok)
         if objective is not None:
             objective.save(out, acc.unwrap_model)
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out / "metrics.json")  # written last: its presence marks the checkpoint complete
+        write_json(out / "metrics.json", result, indent=2)  # written last: its presence marks the checkpoint complete
         shutil.rmtree(state_dir, ignore_errors=True)
         writer.close()
         print(format_layer_table(result))
@@ -336,53 +388,9 @@ def ensure_checkpoint(task: str, **overrides) -> Path:
     return ckpt
 
 
-def build_parser(cls=None, extra_helps: dict | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    cls = cls or TrainConfig
-    p = argparse.ArgumentParser(description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = {
-        "task": f"task name ({', '.join(T.TASKS)})",
-        "model": "encoder: the packaged all-MiniLM-L6-v2 by default, or any BERT-family local path / hub name",
-        "pooling": "state the exits read: mean (masked mean of tokens) or cls ([CLS] through a shared pooler); "
-                   "default mean for sentence-transformers checkpoints, cls otherwise",
-        "objective": "eq1: weighted CE over all exits (paper Eq 1-2); last: plain fine-tune of the last layer "
-                     "(Eq 6 and the joint variant: python -m agents.rl.backbone_stage)",
-        "init_from": "start from this multi-exit checkpoint (e.g. the stage-1 one) instead of the pretrained encoder",
-        "epochs": "training epochs (default 3; RTE 5, MCID 8)",
-        "batch_size": "training batch size per process",
-        "lr": "peak learning rate of the encoder",
-        "head_lr": "peak learning rate of the internal classifiers and pooler",
-        "weight_decay": "AdamW weight decay of encoder weights",
-        "warmup": "fraction of steps with linear warm-up (then linear decay to 0)",
-        "max_length": "maximum tokens per instance (pairs are truncated longest-first)",
-        "max_train_samples": "train on a random subset of this size (SST2 default 8000, StackOverflow 6000; 0 = all)",
-        "holdout": "hold out this stratified fraction of the train split (calib rows, never trained on); "
-                   "0 = train on all of it",
-        "folds": "cross-fitting: split the train split into this many stratified folds (0 = off) ...",
-        "fold": "... and train on every fold but this one (0-based)",
-        "seed": "random seed (data order, initialisation, subsets and folds)",
-        "data_dir": "data directory (default $CEE_DATA_DIR or ../shared/data)",
-        "train_file": "train file path, overriding the task's (same format)",
-        "dev_file": "dev file path, overriding the task's",
-        "test_file": "labelled test file of the task's format; scored at the end",
-        "out": "checkpoint directory (default runs/stage1/<task>-<model>-<pooling>-<objective>-s<seed>)",
-        "save_every": "optimizer steps between resumable saves (0: only at epoch ends)",
-        "eval_batch_size": "batch size for evaluation",
-    }
-    helps.update(extra_helps or {})
-    for f in fields(cls):
-        typ = {int: int, float: float}.get(type(f.default), str)
-        if f.name in ("epochs", "max_train_samples"):
-            typ = int
-        kw = {"choices": ["eq1", "last"] if cls is TrainConfig else ["exit", "joint"]} if f.name == "objective" else {}
-        if f.name == "pooling":
-            kw = {"choices": ["mean", "cls"]}
-        p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default, help=helps[f.name], **kw)
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    train(TrainConfig(**vars(args)))
+@user_errors
+def main(argv: list[str] | None = None) -> Path:
+    return train(parse(TrainConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

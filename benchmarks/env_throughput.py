@@ -15,13 +15,13 @@ Targets on a 2-core machine: >= 300k steps/s single raw, >= 2M env-steps/s at N=
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,6 +29,8 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 import gymnasium as gym
 import numpy as np
 
+from backbones.cli import parse, user_errors
+from backbones.files import write_json
 from cee_env import OBS_MODES, EarlyExitEnv, EarlyExitVectorEnv, make_synthetic_cache
 
 TARGETS = {"single_raw": 300_000, "vector_4096": 2_000_000}
@@ -56,23 +58,43 @@ def bench_vector(env: EarlyExitVectorEnv, calls: int, seed: int) -> float:
     return calls * env.num_envs / (time.perf_counter() - t0)
 
 
+@dataclass
+class Args:
+    """Settings of ``python -m benchmarks.env_throughput``; every field is a flag."""
+
+    task: str | None = None
+    """real task cache via get_cache (e.g. RTE); None: synthetic"""
+    split: str = "train"
+    """split of the real cache"""
+    checkpoint: str | None = None
+    """checkpoint for get_cache; None: its own default"""
+    n: int = 2490
+    """synthetic: instances (RTE train size)"""
+    layers: int = 6
+    """synthetic: layers L"""
+    hidden: int = 384
+    """synthetic: state size H"""
+    classes: int = 2
+    """synthetic: classes C"""
+    obs: Literal[OBS_MODES] = "state"  # type: ignore[valid-type]  (the env's observation modes)
+    """observation mode"""
+    steps: int = 500_000
+    """single-env steps to time"""
+    vector_calls: int = 200
+    """vector step() calls to time"""
+    num_envs: tuple[int, ...] = (256, 4096)
+    """vector sizes"""
+    repeats: int = 3
+    """take the best of this many runs"""
+    seed: int = 0
+    """seed for actions and env"""
+    out: str | None = None
+    """JSON path; None: runs/benchmarks/env_throughput.json"""
+
+
+@user_errors
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default=None, help="real task cache via get_cache (e.g. RTE); default: synthetic")
-    p.add_argument("--split", default="train", help="split of the real cache (default train)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint for get_cache (default: its own default)")
-    p.add_argument("--n", type=int, default=2490, help="synthetic: instances (default 2490, RTE train size)")
-    p.add_argument("--layers", type=int, default=6, help="synthetic: layers L (default 6)")
-    p.add_argument("--hidden", type=int, default=384, help="synthetic: state size H (default 384)")
-    p.add_argument("--classes", type=int, default=2, help="synthetic: classes C (default 2)")
-    p.add_argument("--obs", default="state", choices=OBS_MODES, help="observation mode (default state)")
-    p.add_argument("--steps", type=int, default=500_000, help="single-env steps to time (default 500k)")
-    p.add_argument("--vector-calls", type=int, default=200, help="vector step() calls to time (default 200)")
-    p.add_argument("--num-envs", type=int, nargs="+", default=[256, 4096], help="vector sizes (default 256 4096)")
-    p.add_argument("--repeats", type=int, default=3, help="take the best of this many runs (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed for actions and env (default 0)")
-    p.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/env_throughput.json)")
-    args = p.parse_args(argv)
+    args = parse(Args, argv, __doc__)
 
     if args.task:
         from cee_env.cache import get_cache
@@ -115,10 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         from backbones.paths import runs_dir
 
         out = runs_dir() / "benchmarks" / "env_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)  # atomic
+    write_json(out, report, indent=2)
     print(f"wrote {out}")
     return report
 

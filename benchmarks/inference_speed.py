@@ -31,13 +31,13 @@ dev cache so that about half of the layers are saved).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
@@ -51,6 +51,8 @@ from agents.evaluate import evaluate
 from agents.policies import ExitPolicy
 from agents.policies.heuristics import MaxProbExit
 from agents.predict import parse_rule
+from backbones.cli import Repeatable, UserError, parse, user_errors
+from backbones.files import write_json
 
 TARGETS = {1: 0.9, 32: 0.8}  # ratio measured / predicted speed-up, by batch size
 DEFAULT_RULES = ["static-3", "maxprob:auto"]
@@ -266,27 +268,43 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Args:
+    """Settings of ``python -m benchmarks.inference_speed``; every field is a flag."""
+
+    tasks: tuple[str, ...] = ("RTE", "MRPC")
+    """tasks whose dev sets to time"""
+    policy_run: Repeatable = ()
+    """a trained policy run dir (agents.reinforce or agents.sb3), or TASK=DIR for one task"""
+    rules: tuple[str, ...] | None = None
+    """exit rules to time (see agents.predict; maxprob:auto calibrates a max-prob threshold on the dev cache);
+    None: static-3 maxprob:auto when no --policy-run is given, else none"""
+    target_saved: float = 0.5
+    """fraction of layers maxprob:auto aims to save"""
+    checkpoint: str | None = None
+    """backbone checkpoint; None: the task's default stage-1 one"""
+    dev_file: str | None = None
+    """dev file path instead of the task's (single task)"""
+    train_missing: bool = False
+    """train a missing default stage-1 checkpoint (else the task is skipped)"""
+    batch_sizes: tuple[int, ...] = (1, 32)
+    """batch sizes"""
+    repeats: int = 5
+    """timed passes per variant after a warm-up (median)"""
+    limit: int | None = None
+    """time only the first N dev instances; None: all"""
+    threads: int | None = None
+    """torch threads; None: all cores"""
+    out: str | None = None
+    """JSON path; None: runs/benchmarks/inference_speed.json"""
+
+
+@user_errors
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["RTE", "MRPC"], help="tasks whose dev sets to time (default RTE MRPC)")
-    p.add_argument("--policy-run", action="append", default=[],
-                   help="a trained policy run dir (agents.reinforce or agents.sb3), or TASK=DIR for one task; repeatable")
-    p.add_argument("--rules", nargs="*", default=None,
-                   help="exit rules to time (see agents.predict; maxprob:auto calibrates a max-prob threshold on "
-                        "the dev cache); default static-3 maxprob:auto when no --policy-run is given, else none")
-    p.add_argument("--target-saved", type=float, default=0.5, help="fraction of layers maxprob:auto aims to save (0.5)")
-    p.add_argument("--checkpoint", default=None, help="backbone checkpoint (default: the task's default stage-1 one)")
-    p.add_argument("--dev-file", default=None, help="dev file path instead of the task's (single task)")
-    p.add_argument("--train-missing", action="store_true",
-                   help="train a missing default stage-1 checkpoint (else the task is skipped)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes per variant after a warm-up (median; default 5)")
-    p.add_argument("--limit", type=int, default=None, help="time only the first N dev instances")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    p.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/inference_speed.json)")
-    args = p.parse_args(argv)
+    args = parse(Args, argv, __doc__)
     if (args.checkpoint or args.dev_file) and len(args.tasks) != 1:
-        p.error("--checkpoint / --dev-file need exactly one task in --tasks")
+        raise UserError("--checkpoint / --dev-file need exactly one task in --tasks")
+    args.threads = args.threads or os.cpu_count() or 1
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -296,7 +314,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from backbones.paths import runs_dir
 
     out = Path(args.out) if args.out else runs_dir() / "benchmarks" / "inference_speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"targets_ratio_by_batch": TARGETS, "threads": args.threads, "repeats": args.repeats,
             "load_average_at_start": load, "machine": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -304,9 +321,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def write(partial: dict | None = None) -> None:  # after every policy, so an interrupted run keeps its numbers
         done = results + ([partial] if partial is not None and partial not in results else [])
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"results": done, **meta, "complete": partial is None}, indent=1))
-        os.replace(tmp, out)
+        write_json(out, {"results": done, **meta, "complete": partial is None})
 
     for t in args.tasks:
         r = bench_task(t, args, on_progress=write)

@@ -11,21 +11,34 @@ runs/llm/speed.json.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
+from backbones.cli import parse, user_errors
+from backbones.files import write_json
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=4, help="held-out Alpaca prompts")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per prompt (no EOS stop)")
-    p.add_argument("--layers", default="5,10,15,20,25,30", help="static exit layers to time")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--batch-sizes", default="", help="also time the static rules on batches of these sizes")
-    a = p.parse_args(argv)
+
+@dataclass
+class Args:
+    """Settings of ``python -m benchmarks.llm_speed``; every field is a flag."""
+
+    prompts: int = 4
+    """held-out Alpaca prompts"""
+    max_new_tokens: int = 24
+    """tokens per prompt (no EOS stop)"""
+    layers: str = "5,10,15,20,25,30"
+    """static exit layers to time, comma-separated"""
+    threads: int = 1
+    """torch threads"""
+    batch_sizes: str = ""
+    """also time the static rules on batches of these sizes, comma-separated"""
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(Args, argv, __doc__)
     torch.set_num_threads(a.threads)
     from agents.llm.decode import FullDepth, SoftmaxResponse, StaticLayer, generate, generate_batch
     from backbones.llm import ExitHeads, alpaca_rows, load_llm, prompt_ids
@@ -64,9 +77,8 @@ def main(argv=None) -> dict:
     print(f"{'config':<34} {'tokens/s':>8} {'speed-up':>8}")
     for k, v in tps.items():
         print(f"{k:<34} {v:8.1f} {v / base(k):8.2f}")
-    res = {"tokens_per_s": tps, "speedup_vs_full": {k: v / base(k) for k, v in tps.items()}, "args": vars(a)}
-    (runs_dir() / "llm").mkdir(parents=True, exist_ok=True)
-    (runs_dir() / "llm" / "speed.json").write_text(json.dumps(res, indent=1))
+    res = {"tokens_per_s": tps, "speedup_vs_full": {k: v / base(k) for k, v in tps.items()}, "args": asdict(a)}
+    write_json(runs_dir() / "llm" / "speed.json", res)
     return res
 
 

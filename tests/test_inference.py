@@ -316,25 +316,45 @@ def test_cli_checkpoint_rule_text_file_and_text_args(tiny, tmp_path, capsys):
     (["--checkpoint", "{ckpt}", "--text", "x"], "needs --rule"),
     (["--checkpoint", "{tmp}/nock", "--rule", "static-1", "--text", "x"], "checkpoint directory not found"),
     (["--checkpoint", "{ckpt}", "--rule", "static-1"], "nothing to classify"),
+    (["--checkpoint", "{ckpt}", "--rule", "static-1", "--text", "x", "--text-b", "y", "--text-b", "z"],
+     "2 --text-b for 1 --text"),
+    (["--checkpoint", "{ckpt}", "--rule", "static-1", "--task", "RTE", "--task-file", "t.json"], "not both"),
+    (["--checkpoint", "{ckpt}", "--rule", "sometimes", "--text", "x"], "unknown exit rule"),
+    (["--checkpoint", "{ckpt}", "--rule", "full", "--task-file", "{tmp}/absent.toml"], "task file not found"),
 ])
-def test_cli_usage_errors(tiny, tmp_path, capsys, argv, msg):
+def test_cli_usage_errors(tiny, tmp_path, capsys, monkeypatch, argv, msg):
+    monkeypatch.delenv("CEE_DEBUG", raising=False)
     argv = [a.format(tmp=tmp_path, ckpt=tiny["ckpt"]) for a in argv]
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 2 and msg in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
 
 
-def test_cli_runtime_errors(tiny, tmp_path, capsys):
-    assert main(["--checkpoint", str(tiny["ckpt"]), "--rule", "sometimes", "--text", "x"]) == 2
-    assert "unknown exit rule" in capsys.readouterr().err
+def test_cli_runtime_errors(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CEE_DEBUG", raising=False)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "policy.json").write_text(json.dumps({"state_dim": HIDDEN, "num_layers": LAYERS}))
-    assert main(["--run", str(tmp_path / "run"), "--text", "x"]) == 2
-    assert "policy.safetensors is missing" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    assert main(["--checkpoint", str(tiny["ckpt"]), "--rule", "full", "--input", str(empty)]) == 2
-    assert "holds no texts" in capsys.readouterr().err
+    for argv, msg in ((["--run", str(tmp_path / "run"), "--text", "x"], "policy.safetensors is missing"),
+                      (["--checkpoint", str(tiny["ckpt"]), "--rule", "full", "--input", str(empty)], "holds no texts")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_cli_task_file(tiny, tmp_path, capsys):
+    """--task-file: your own task's split, read and scored (the dev file of the tiny RTE-format task)."""
+    f = tmp_path / "pairs.toml"
+    f.write_text(f'name = "TinyPairs"\ntrain = "{tiny["dev"]}"\ndev = "{tiny["dev"]}"\ntext_a = "sentence1"\n'
+                 f'text_b = "sentence2"\nlabel = "label"\nlabel_names = {json.dumps(list(LABELS))}\n'
+                 f'metric = "accuracy"\nfmt = "glue_tsv"\n')
+    out = tmp_path / "preds.tsv"
+    assert main(["--checkpoint", str(tiny["ckpt"]), "--rule", "static-2", "--task-file", str(f), "--out", str(out)]) == 0
+    rows = [line.split("\t") for line in out.read_text().splitlines()]
+    assert rows[0][-1] == "gold" and len(rows) == N_DEV + 1 and {r[2] for r in rows[1:]} == {"2"}
+    assert f"{N_DEV} instances" in capsys.readouterr().err
 
 
 def test_parse_rule():

@@ -8,8 +8,8 @@ import pytest
 
 from backbones import paths
 from backbones.tasks import (
-    TASKS, TaskError, TaskSpec, UnknownTaskError, compute_metric, get_task, load_split,
-    metric_name, register_task, task_from_file,
+    TASKS, TaskError, TaskFileNotFound, TaskSpec, UnknownTaskError, compute_metric, get_task, load_split,
+    load_task_file, metric_name, register_task, task_from_file,
 )
 
 DATA = paths.REPO_ROOT.parent / "shared" / "data"
@@ -136,6 +136,77 @@ def test_user_task_missing_file(tmp_path):
 def test_builtin_name_cannot_be_replaced():
     with pytest.raises(TaskError, match="built-in"):
         register_task(TaskSpec("rte", ("a", "b"), "accuracy", {}, "t", None, "l", "csv"))
+
+
+# --- task files (JSON / TOML) ----------------------------------------------------------------
+
+def write_pair_task(folder, **keys):
+    """CSV train/dev files in ``folder/data`` and a JSON task file naming them relative to ``folder``."""
+    (folder / "data").mkdir()
+    (folder / "data" / "train.csv").write_text("premise,hypothesis,gold\na b,c,yes\nd,e f,no\ng,h,yes\n")
+    (folder / "data" / "dev.csv").write_text("premise,hypothesis,gold\nx,y,no\n")
+    d = {"name": "Pairs", "train": "data/train.csv", "dev": "data/dev.csv", "text_a": "premise",
+         "text_b": "hypothesis", "label": "gold", "label_names": ["no", "yes"], "metric": "f1", **keys}
+    f = folder / "task.json"
+    f.write_text(json.dumps({k: v for k, v in d.items() if v is not None}))
+    return f
+
+
+def test_task_file_json_registers_the_task(tmp_path):
+    spec = load_task_file(write_pair_task(tmp_path))
+    assert get_task("pairs") is spec and spec.metric == "f1" and spec.label_names == ("no", "yes")
+    assert spec.fmt == "csv" and spec.text_b == "hypothesis"
+    ds = load_split("Pairs", "train")
+    assert ds["text_a"] == ["a b", "d", "g"] and ds["text_b"] == ["c", "e f", "h"] and ds["label"] == [1, 0, 1]
+    assert load_split("Pairs", "dev")["label"] == [0]
+
+
+def test_task_file_toml_resolves_paths_against_its_folder(tmp_path, monkeypatch):
+    write_pair_task(tmp_path)
+    f = tmp_path / "task.toml"
+    f.write_text('name = "Single"\ntrain = "data/train.csv"\ntext_a = "premise"\nlabel = "gold"\n'
+                 'metric = "accuracy"\nfmt = "csv"\n')
+    monkeypatch.chdir(tmp_path / "data")  # relative to the task file, not to the working directory
+    spec = load_task_file("../task.toml")
+    assert spec.text_b is None and spec.label_names == ("no", "yes") and list(spec.splits) == ["train"]
+    assert load_split("Single", "train")["text_b"] == ["", "", ""]
+
+
+@pytest.mark.parametrize("keys,msg", [
+    ({"metric": None}, "missing key 'metric' (accuracy or f1)"),
+    ({"name": None}, "missing key 'name'"),
+    ({"metric": "auc"}, "key 'metric' must be accuracy or f1; got 'auc'"),
+    ({"text_a": 3}, "key 'text_a' must be a non-empty string (the text column); got 3"),
+    ({"label_names": ["yes"]}, "key 'label_names' must be a list of two or more label names"),
+    ({"fmt": "xml"}, "key 'fmt' must be a file format"),
+    ({"txt_a": "premise"}, "unknown key 'txt_a'"),
+    ({"label": "answer"}, "no label column 'answer'"),
+    ({"dev": "data/missing.csv"}, "Pairs dev file not found"),
+    ({"label_names": ["n", "y"]}, "labels ['no', 'yes'] are not in label_names"),
+])
+def test_task_file_errors_name_the_file_and_key(tmp_path, keys, msg):
+    f = write_pair_task(tmp_path, **keys)
+    with pytest.raises(TaskError) as e:
+        load_task_file(f)
+    assert str(e.value).startswith(f"task file {f}") and msg in str(e.value)
+    assert "Pairs" not in TASKS
+
+
+def test_task_file_missing_bad_extension_and_syntax(tmp_path):
+    with pytest.raises(TaskFileNotFound, match="task file not found: .*nope.json"):
+        load_task_file(tmp_path / "nope.json")
+    (tmp_path / "t.yaml").write_text("name: x\n")
+    with pytest.raises(TaskError, match="expected a .json or .toml file"):
+        load_task_file(tmp_path / "t.yaml")
+    (tmp_path / "t.json").write_text('{"name": "x",\n')
+    with pytest.raises(TaskError, match=r"t.json, line 2: invalid JSON"):
+        load_task_file(tmp_path / "t.json")
+    (tmp_path / "t.toml").write_text("name = \n")
+    with pytest.raises(TaskError, match=r"t.toml: invalid TOML"):
+        load_task_file(tmp_path / "t.toml")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(TaskError, match="expected a table of keys, got list"):
+        load_task_file(tmp_path / "list.json")
 
 
 @needs_data

@@ -21,12 +21,13 @@ rotary embedding) and appended to layer j's KV cache; later tokens that reach la
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from backbones.cli import UserError, parse, user_errors
 from backbones.llm import ExitHeads, decoder_parts
 
 
@@ -242,35 +243,46 @@ def make_rule(kind: str, threshold: float | None = None, policy: str | None = No
         from agents.policies.net import LayerMLPPolicy
 
         if not policy:
-            raise ValueError("--rule policy needs --policy <folder with policy.safetensors>")
+            raise UserError("--rule policy needs --policy <folder with policy.safetensors>")
         return PolicyExit(LayerMLPPolicy.load(policy), 0.5 if threshold is None else threshold, obs_bound)
     raise ValueError(f"unknown rule {kind!r}; expected full, static, softmax, saturation or policy")
 
 
-def main(argv=None) -> None:
-    from backbones.llm import default_heads_dir, heads_model, load_llm
+@dataclass
+class DecodeArgs:
+    """Settings of ``python -m agents.llm.decode``; every field is a flag."""
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True, help="user message (formatted with the chat template)")
-    p.add_argument("--rule", default="full", choices=["full", "static", "softmax", "saturation", "policy"],
-                   help="exit rule")
-    p.add_argument("--threshold", type=float, default=None, help="rule threshold (policy: pi; CALM: confidence)")
-    p.add_argument("--policy", default=None, help="policy folder (for --rule policy)")
-    p.add_argument("--layer", type=int, default=None, help="exit layer for --rule static (1-based)")
-    p.add_argument("--heads", default=None, help="exit-heads folder (default runs/llm/heads)")
-    p.add_argument("--model", default=None,
-                   help="HF causal-LM folder (default: the heads' LoRA-adapted model if any, else SmolLM2 GGUF)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    a = p.parse_args(argv)
+    prompt: str
+    """user message (formatted with the chat template)"""
+    rule: Literal["full", "static", "softmax", "saturation", "policy"] = "full"
+    """exit rule"""
+    threshold: float | None = None
+    """rule threshold; None: the rule's default (policy: pi > 0.5; softmax: top-1 minus top-2 probability > 0.9;
+    saturation: cosine > 0.95)"""
+    policy: str | None = None
+    """policy folder (for --rule policy)"""
+    layer: int | None = None
+    """exit layer for --rule static (1-based); None: 1"""
+    heads: str | None = None
+    """exit-heads folder; None: runs/llm/heads"""
+    model: str | None = None
+    """HF causal-LM folder; None: the heads' LoRA-adapted model if any, else the SmolLM2 GGUF"""
+    max_new_tokens: int = 48
+    """tokens to generate"""
+    threads: int = 1
+    """torch threads"""
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> None:
+    from backbones.llm import default_heads_dir, heads_model, load_llm, prompt_ids
+
+    a = parse(DecodeArgs, argv, __doc__)
     torch.set_num_threads(a.threads)
-    from backbones.llm import prompt_ids
-
+    rule = make_rule(a.rule, a.threshold, a.policy, a.layer)
     model, tok, _ = load_llm(heads_model(a.heads, a.model))
     heads = ExitHeads.load(a.heads or default_heads_dir(), model)
-    g = generate(model, heads, prompt_ids(tok, {"instruction": a.prompt}), make_rule(a.rule, a.threshold, a.policy,
-                                                                                   a.layer),
-                 a.max_new_tokens, eos_token_ids(tok))
+    g = generate(model, heads, prompt_ids(tok, {"instruction": a.prompt}), rule, a.max_new_tokens, eos_token_ids(tok))
     print(tok.decode(g.tokens, skip_special_tokens=True))
     print(f"\n{len(g.tokens)} tokens in {g.seconds:.2f} s ({len(g.tokens) / max(g.seconds, 1e-9):.1f} tokens/s), "
           f"avg exit layer {g.avg_exit_layer:.2f}/{model.config.num_hidden_layers}")

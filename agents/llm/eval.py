@@ -17,14 +17,16 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from backbones.cli import UserError, parse, user_errors
+from backbones.files import write_json, write_text, write_with
 
 
 def runs_dir_default() -> Path:
@@ -39,14 +41,18 @@ def policy_points(s: str) -> list[tuple[float, float]]:
     for item in (x.strip() for x in s.split(",")):
         if item:
             al, _, th = item.partition(":")
-            if not th:
-                raise ValueError(f"policy point {item!r} is not ALPHA:THRESHOLD")
-            out.append((float(al), float(th)))
+            try:
+                out.append((float(al), float(th)))
+            except ValueError:
+                raise UserError(f"--policy-points: {item!r} is not ALPHA:THRESHOLD") from None
     return out
 
 
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x.strip()]
+def _floats(s: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} expects comma-separated numbers; got {s!r}") from None
 
 
 def rouge_l(preds: list[str], refs: list[str]) -> float:
@@ -77,11 +83,9 @@ def rescore(out_dir: Path, n_examples: int = 2) -> dict:
 
 
 def write_outputs(summary: dict, out_dir: Path) -> None:
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / "results.json")
-    (out_dir / "examples.md").write_text(examples_markdown(summary["examples"]))
-    (out_dir / "table.md").write_text(markdown_table(summary))
+    write_json(out_dir / "results.json", summary)
+    write_text(out_dir / "examples.md", examples_markdown(summary["examples"]))
+    write_text(out_dir / "table.md", markdown_table(summary))
     plot(summary["results"], out_dir / "rouge_vs_speedup.png")
     print_table(summary)
     print(f"\nexamples in {out_dir / 'examples.md'}, table in {out_dir / 'table.md'}")
@@ -122,38 +126,65 @@ def uniform_exit_prior(num_layers: int, state_dim: int, seed: int = 0):
     return net
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-prompts", type=int, default=20, help="held-out prompts to decode (at most 500)")
-    p.add_argument("--timing-prompts", type=int, default=20,
-                   help="of those, how many are decoded again one at a time to measure tokens/s")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch of the quality decode")
-    p.add_argument("--n-examples", type=int, default=2, help="example prompts per rule in examples.md")
-    p.add_argument("--policies-only", action="store_true",
-                   help="train the policies and print their dev token agreement / exit layer, decode nothing")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
-    p.add_argument("--alphas", default="0.25,0.5,0.6,0.7,0.8,0.9", help="ConsistentEE depth penalties alpha (per layer; log p is in nats)")
-    p.add_argument("--reward", default="hardness", help="reward of the policy (hardness = Eq 4, vanilla = Eq 3)")
-    p.add_argument("--policy-epochs", type=int, default=10, help="REINFORCE epochs per alpha")
-    p.add_argument("--policy-lr", type=float, default=1e-3, help="REINFORCE learning rate")
-    p.add_argument("--policy-points", default="",
-                   help="extra ConsistentEE rules ALPHA:THRESHOLD,... (that alpha's policy exiting when pi > THRESHOLD "
-                        "instead of 0.5; the alpha must be in --alphas)")
-    p.add_argument("--softmax", default="0.9,0.5,0.2", help="CALM softmax-response thresholds (top1 - top2)")
-    p.add_argument("--saturation", default="0.995,0.98,0.95", help="CALM hidden-state saturation thresholds")
-    p.add_argument("--cache-prompts", type=int, default=200, help="training prompts of the token cache")
-    p.add_argument("--per-prompt", type=int, default=16, help="positions per prompt in the token caches")
-    p.add_argument("--heads", default=None, help="exit-heads folder (default runs/llm/heads)")
-    p.add_argument("--model", default=None,
-                   help="HF causal-LM folder (default: the heads' LoRA-adapted model if any, else SmolLM2 GGUF)")
-    p.add_argument("--out", default=None, help="output folder (default runs/llm/eval)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--rescore", action="store_true",
-                   help="decode nothing: recompute the scores, table, examples and plot of the run in --out")
-    a = p.parse_args(argv)
+@dataclass
+class EvalArgs:
+    """Settings of ``python -m agents.llm.eval``; every field is a flag."""
+
+    n_prompts: int = 20
+    """held-out prompts to decode (at most 500)"""
+    timing_prompts: int = 20
+    """of those, how many are decoded again one at a time to measure tokens/s"""
+    batch_size: int = 16
+    """prompts per batch of the quality decode"""
+    n_examples: int = 2
+    """example prompts per rule in examples.md"""
+    policies_only: bool = False
+    """train the policies and print their dev token agreement / exit layer, decode nothing"""
+    max_new_tokens: int = 48
+    """tokens generated per prompt"""
+    alphas: str = "0.25,0.5,0.6,0.7,0.8,0.9"
+    """ConsistentEE depth penalties alpha, comma-separated (per layer; log p is in nats)"""
+    reward: str = "hardness"
+    """reward of the policy (hardness = Eq 4, vanilla = Eq 3)"""
+    policy_epochs: int = 10
+    """REINFORCE epochs per alpha"""
+    policy_lr: float = 1e-3
+    """REINFORCE learning rate"""
+    policy_points: str = ""
+    """extra ConsistentEE rules ALPHA:THRESHOLD,... (that alpha's policy exiting when pi > THRESHOLD instead of
+    0.5; the alpha must be in --alphas)"""
+    softmax: str = "0.9,0.5,0.2"
+    """CALM softmax-response thresholds (top1 - top2), comma-separated ("" for none)"""
+    saturation: str = "0.995,0.98,0.95"
+    """CALM hidden-state saturation thresholds, comma-separated ("" for none)"""
+    cache_prompts: int = 200
+    """training prompts of the token cache"""
+    per_prompt: int = 16
+    """positions per prompt in the token caches"""
+    heads: str | None = None
+    """exit-heads folder; None: runs/llm/heads"""
+    model: str | None = None
+    """HF causal-LM folder; None: the heads' LoRA-adapted model if any, else the SmolLM2 GGUF"""
+    out: str | None = None
+    """output folder; None: runs/llm/eval"""
+    threads: int = 1
+    """torch threads"""
+    seed: int = 0
+    """random seed"""
+    rescore: bool = False
+    """decode nothing: recompute the scores, table, examples and plot of the run in --out"""
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(EvalArgs, argv, __doc__)
     if a.rescore:
         return rescore(Path(a.out) if a.out else runs_dir_default(), a.n_examples)
+    alphas, points = _floats(a.alphas, "--alphas"), policy_points(a.policy_points)
+    softmax, saturation = _floats(a.softmax, "--softmax"), _floats(a.saturation, "--saturation")
+    for al, th in points:
+        if al not in alphas:
+            raise UserError(f"--policy-points {al:g}:{th:g}: alpha {al:g} is not in --alphas")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
 
@@ -181,7 +212,7 @@ def main(argv=None) -> dict:
     policies, policy_dev = {}, {}
     init = out_dir / "policy_init"
     uniform_exit_prior(L, caches["train"].hidden_size, a.seed).save(init)
-    for alpha in _floats(a.alphas):
+    for alpha in alphas:
         res = train(Args(env="cee/Alpaca-v0", alpha=alpha, reward=a.reward, epochs=a.policy_epochs, k=4,
                          lr=a.policy_lr, eps_start=0.02, init_policy=str(init), eval_every=10 ** 6, seed=a.seed,
                          quiet=True, run_name=f"Alpaca-llm-{Path(a.heads or 'heads').name}-{a.reward}-a{alpha:g}"),
@@ -202,12 +233,10 @@ def main(argv=None) -> dict:
 
     rules = [("full", None, FullDepth())]
     rules += [("consistentee", al, PolicyExit(net, name=f"consistentee-a{al:g}")) for al, net in policies.items()]
-    for al, th in policy_points(a.policy_points):
-        if al not in policies:
-            raise ValueError(f"--policy-points {al:g}:{th:g}: alpha {al:g} is not in --alphas")
+    for al, th in points:
         rules.append(("consistentee", al, PolicyExit(policies[al], th, name=f"consistentee-a{al:g}-pi{th:g}")))
-    rules += [("calm-softmax", th, SoftmaxResponse(th)) for th in _floats(a.softmax)]
-    rules += [("calm-saturation", th, Saturation(th)) for th in _floats(a.saturation)]
+    rules += [("calm-softmax", th, SoftmaxResponse(th)) for th in softmax]
+    rules += [("calm-saturation", th, Saturation(th)) for th in saturation]
 
     # quality: every prompt, batched
     t = time.time()
@@ -252,7 +281,7 @@ def main(argv=None) -> dict:
                "full_batched_tokens_per_s": full["tokens_per_s"],
                "hf_generate_tokens_per_s": hf_tok / max(hf_s, 1e-9), "timings_seconds": timings,
                "policy_dev": {str(k): v for k, v in policy_dev.items()}, "results": results, "examples": examples,
-               "args": vars(a)}
+               "args": asdict(a)}
     write_outputs(summary, out_dir)
     return summary
 
@@ -304,8 +333,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax.legend(), ax.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M token-level early exit (held-out Alpaca prompts)")
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=110)
-    os.replace(path.with_suffix(".tmp.png"), path)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
 
 
 def markdown_table(s: dict) -> str:

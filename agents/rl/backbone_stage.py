@@ -1,7 +1,7 @@
 """The backbone stage of co-training: stage-1 training (``backbones.train``) with ConsistentEE's losses.
 
     python -m agents.rl.backbone_stage --task RTE --init-from CKPT --objective exit --exit-policy POLICY --out DIR
-    python -m agents.rl.backbone_stage --task RTE --init-from CKPT --objective joint --exit-policy POLICY \
+    python -m agents.rl.backbone_stage --task RTE --init-from CKPT --objective joint --exit-policy POLICY \\
         --memorized MEM.npy --out DIR
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m agents.rl.backbone_stage ...
 
@@ -14,26 +14,38 @@ layers in ``--memorized``), trained together; the policy is saved to ``<out>/pol
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from agents.policies.net import LayerMLPPolicy
 from agents.rl.losses import exit_layer_loss, joint_loss
-from backbones.train import TrainConfig, build_parser, train
+from backbones.cli import UserError, parse, user_errors
+from backbones.train import TrainConfig, train
 
 
 @dataclass
 class StageConfig(TrainConfig):
-    objective: str = "exit"  # exit (Eq 6) or joint (Eq 6 + Eq 5)
-    exit_policy: str = ""  # policy folder (policy.safetensors + policy.json)
-    memorized: str | None = None  # joint: .npy of each train instance's memorized layer (Eq 7, 1..L)
-    reward: str = "hardness"  # joint: the policy's reward (hardness = Eq 4, vanilla = Eq 3, hardness_weighted)
-    alpha: float = 0.05  # joint: depth penalty of the reward
-    policy_k: int = 8  # joint: trajectories sampled per instance (Eq 5's K; their mean is the baseline)
-    policy_lr: float = 3e-4  # joint: peak learning rate of the policy
+    """Stage-1 training settings plus the co-training stage's; every field is a flag."""
+
+    objective: Literal["exit", "joint"] = "exit"  # type: ignore[assignment]  (TrainConfig's are eq1, last)
+    """exit: CE only at the exit the frozen --exit-policy picks (paper Eq 6); joint: Eq 6 at the exits the
+    policy samples + Eq 5 for the policy, trained together"""
+    exit_policy: str = ""
+    """policy folder (policy.safetensors + policy.json)"""
+    memorized: str | None = None
+    """joint: .npy with the memorized layer (Eq 7, 1..L) of every train instance"""
+    reward: str = "hardness"
+    """joint: the policy's reward: hardness (Eq 4), vanilla (Eq 3) or hardness_weighted"""
+    alpha: float = 0.05
+    """joint: depth penalty of the reward"""
+    policy_k: int = 8
+    """joint: exit trajectories sampled per instance (Eq 5's K; their mean is the baseline)"""
+    policy_lr: float = 3e-4
+    """joint: peak learning rate of the policy (saved to <out>/policy)"""
 
 
 class ExitLayerObjective:
@@ -61,7 +73,7 @@ class JointObjective:
 
     def __init__(self, c: StageConfig) -> None:
         if not c.memorized:
-            raise ValueError("--objective joint needs --memorized FILE (.npy of memorized layers of the train set)")
+            raise UserError("--objective joint needs --memorized FILE (.npy of memorized layers of the train set)")
         self.c, self.policy_dir = c, Path(c.exit_policy)
         self.memorized = torch.as_tensor(np.load(c.memorized), dtype=torch.long)
         self.modules = [LayerMLPPolicy.load(c.exit_policy).train()]
@@ -86,26 +98,16 @@ class JointObjective:
 def run(c: StageConfig) -> Path:
     """Train the backbone stage; returns the checkpoint directory."""
     if c.objective not in ("exit", "joint"):
-        raise ValueError(f"--objective must be exit or joint; got {c.objective!r}")
+        raise UserError(f"--objective must be exit or joint; got {c.objective!r}")
     if not c.exit_policy:
-        raise ValueError(f"--objective {c.objective} needs --exit-policy DIR (a trained policy folder)")
+        raise UserError(f"--objective {c.objective} needs --exit-policy DIR (a trained policy folder)")
     objective = ExitLayerObjective(c.exit_policy) if c.objective == "exit" else JointObjective(c)
     return train(c, objective)
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> Path:
-    p = build_parser(StageConfig, {
-        "objective": "exit: CE only at the exit the frozen --exit-policy picks (paper Eq 6); joint: Eq 6 at the "
-                     "exits the policy samples + Eq 5 for the policy, trained together",
-        "exit_policy": "policy folder (policy.safetensors + policy.json)",
-        "memorized": "joint: .npy with the memorized layer (Eq 7, 1..L) of every train instance",
-        "reward": "joint: the policy's reward: hardness (Eq 4), vanilla (Eq 3) or hardness_weighted",
-        "alpha": "joint: depth penalty of the reward",
-        "policy_k": "joint: exit trajectories sampled per instance (Eq 5's K)",
-        "policy_lr": "joint: peak learning rate of the policy (saved to <out>/policy)",
-    }, __doc__)
-    args = vars(p.parse_args(argv))
-    return run(StageConfig(**{f.name: args[f.name] for f in fields(StageConfig)}))
+    return run(parse(StageConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

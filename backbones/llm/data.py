@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from backbones.files import write_with
 from backbones.llm.model import decoder_parts
 
 
@@ -128,8 +128,5 @@ def cached_positions(model, tok, model_name: str | None, split: str, n_prompts: 
         z = np.load(f)
         return Positions(z["states"], z["greedy"], z["reference"], z["prompt"])
     pos = collect_positions(model, tok, alpaca_rows(split, data_dir), n_prompts, per_prompt, seed, max_response)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f.stem + ".tmp.npz")
-    np.savez(tmp, **asdict(pos))
-    os.replace(tmp, f)
+    write_with(f, lambda tmp: np.savez(tmp, **asdict(pos)))
     return pos

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backbones.files import write_json, write_with
 from backbones.llm.data import layer_states_grad
 from backbones.llm.model import decoder_parts
 
@@ -91,14 +92,11 @@ class ExitHeads(nn.Module):
         from safetensors.torch import save_file
 
         out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out / "exit_heads.safetensors.tmp"))
-        os.replace(out / "exit_heads.safetensors.tmp", out / "exit_heads.safetensors")
+        write_with(out / "exit_heads.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         cfg = {"num_layers": self.num_layers, "eps": self.eps, "rank": self.rank, "freeze_last": self.freeze_last,
                "affine": self.affine, **(extra or {})}
-        (out / "exit_heads.json.tmp").write_text(json.dumps(cfg, indent=1))
-        os.replace(out / "exit_heads.json.tmp", out / "exit_heads.json")
+        write_json(out / "exit_heads.json", cfg)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, model) -> "ExitHeads":

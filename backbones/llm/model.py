@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 import torch
-import shutil
+
+from backbones.files import atomic_dir
 
 
 def default_llm_dir() -> Path:
@@ -45,16 +46,13 @@ def load_llm(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike
                 print(f"de-quantising {g.name} (first load; cached afterwards in {folder})")
             model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
             # The weights are already de-quantised float32: drop the GGUF quantizer so they can be saved.
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            with atomic_dir(folder) as tmp:
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
     model.eval().requires_grad_(False)
     info = {"source": src, "kind": kind, "load_seconds": round(time.time() - t0, 2)}
     if verbose:

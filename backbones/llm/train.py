@@ -2,6 +2,7 @@
 
     python -m backbones.llm                                  # defaults: affine heads, soft labels, 500 prompts
     python -m backbones.llm --no-affine --loss hard --n-prompts 48 --per-prompt 16   # norm-only heads
+    python -m backbones.llm --compare runs/llm/heads_a runs/llm/heads_b   # held-out agreement of trained heads
 
 - :func:`load_llm` loads the packaged GGUF (de-quantised to float32) once and caches it as
   safetensors + tokenizer under ``runs/llm/smollm2/``; later loads read that folder. Any
@@ -29,10 +30,12 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
-import argparse
 
+from backbones.cli import parse, user_errors
+from backbones.files import write_json
 from backbones.llm.data import alpaca_rows, alpaca_sequences, cached_positions, collect_positions
 from backbones.llm.heads import ExitHeads, head_agreement, lora_train, train_heads
 from backbones.llm.model import load_llm
@@ -40,25 +43,50 @@ from backbones.llm.model import load_llm
 
 @dataclass
 class Stage1Args:
+    """Stage-1 settings of the exit heads; every field is a flag of ``python -m backbones.llm``."""
+
     model: str | None = None
+    """HF causal-LM folder/name; None: the packaged SmolLM2 GGUF"""
     n_prompts: int = 500
+    """training prompts (Alpaca rows, excluding the last 500)"""
     per_prompt: int = 0
+    """response positions sampled per prompt (0: all)"""
     eval_prompts: int = 30
-    target: str = "greedy"
-    loss: str = "soft"
+    """held-out prompts for head agreement"""
+    target: Literal["greedy", "reference"] = "greedy"
+    """train on the full model's greedy next token or the reference token (--loss hard)"""
+    loss: Literal["hard", "soft"] = "soft"
+    """hard: Eq 1 on one target token; soft: on the full model's next-token distribution"""
     epochs: int = 2
+    """passes over the cached positions"""
     lr: float = 1e-2
+    """Adam learning rate of the heads"""
     trans_lr: float = 1e-3
+    """Adam learning rate of the affine translators"""
     batch: int = 32
+    """positions per step (x L layers)"""
     rank: int = 0
+    """low-rank adapter per head (0: off)"""
     affine: bool = True
+    """a full affine translator per head (tuned lens); --no-affine: a trained norm only"""
     lora_rank: int = 0
+    """also train LoRA adapters of this rank on the backbone (peft; needs a backward pass through the model:
+    slow on a CPU). The adapted model is saved in <out>/model"""
     lora_lr: float = 1e-4
+    """Adam learning rate of the LoRA adapters"""
     max_response: int = 64
+    """reference-answer tokens teacher-forced per prompt"""
     seed: int = 0
+    """random seed"""
     out: str | None = None
+    """output folder; None: runs/llm/heads"""
     data_dir: str | None = None
+    """data directory; None: $CEE_DATA_DIR or ../shared/data"""
     threads: int = 1
+    """torch threads"""
+    compare: tuple[str, ...] = ()
+    """HEADS_DIR ...: train nothing; print the held-out agreement per layer of these heads folders (and of
+    untrained heads) on the same positions"""
 
 
 def heads_model(heads_dir: str | os.PathLike | None, model: str | None = None) -> str | None:
@@ -120,7 +148,7 @@ def stage1(args: Stage1Args) -> dict:
            "eval_positions": len(ev.greedy), "agreement_with_final_before": before.round(4).tolist(),
            "agreement_with_final_after": after.round(4).tolist(), "loss_first": losses[0], "loss_last": losses[-1]}
     heads.save(out, extra={**extra, "stage1": {k: v for k, v in res.items() if k != "args"}})
-    (out / "stage1_results.json").write_text(json.dumps(res, indent=1))
+    write_json(out / "stage1_results.json", res)
     print(f"\n{n_train} train / {len(ev.greedy)} held-out positions; timings {timings}")
     print("layer  agree-before  agree-after   (held-out, vs the full model's greedy next token)")
     for l in range(len(before)):
@@ -151,46 +179,17 @@ def compare_heads(folders: list[str], eval_prompts: int = 30, per_prompt: int = 
         print(f"{name[-40:]:<40}" + "".join(f"{100 * agr[l - 1]:6.1f}" for l in layers) + f"{100 * agr[:-1].mean():6.1f}")
     res = {"positions": len(ev.greedy), "eval_prompts": eval_prompts,
            "agreement": {k: v.round(4).tolist() for k, v in rows.items()}}
-    (runs_dir() / "llm").mkdir(parents=True, exist_ok=True)
-    (runs_dir() / "llm" / "heads_comparison.json").write_text(json.dumps(res, indent=1))
+    write_json(runs_dir() / "llm" / "heads_comparison.json", res)
     return res
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF causal-LM folder/name (default: the packaged SmolLM2 GGUF)")
-    p.add_argument("--n-prompts", type=int, default=500, help="training prompts (Alpaca rows, excluding the last 500)")
-    p.add_argument("--per-prompt", type=int, default=0, help="response positions sampled per prompt (0 = all)")
-    p.add_argument("--max-response", type=int, default=64, help="reference-answer tokens teacher-forced per prompt")
-    p.add_argument("--eval-prompts", type=int, default=30, help="held-out prompts for head agreement")
-    p.add_argument("--target", default="greedy", choices=["greedy", "reference"],
-                   help="train on the full model's greedy next token or the reference token (--loss hard)")
-    p.add_argument("--loss", default="soft", choices=["hard", "soft"],
-                   help="hard: Eq 1 on one target token; soft: on the full model's next-token distribution")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the cached positions")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the heads")
-    p.add_argument("--batch", type=int, default=32, help="positions per step (x L layers)")
-    p.add_argument("--rank", type=int, default=0, help="low-rank adapter per head (0 = off)")
-    p.add_argument("--affine", action=argparse.BooleanOptionalAction, default=True,
-                   help="a full affine translator per head (tuned lens); --no-affine: a trained norm only")
-    p.add_argument("--trans-lr", type=float, default=1e-3, help="Adam learning rate of the affine translators")
-    p.add_argument("--lora-rank", type=int, default=0,
-                   help="also train LoRA adapters of this rank on the backbone (peft; needs a backward pass through "
-                        "the model: slow on a CPU). The adapted model is saved in <out>/model")
-    p.add_argument("--lora-lr", type=float, default=1e-4, help="Adam learning rate of the LoRA adapters")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--out", default=None, help="output folder (default runs/llm/heads)")
-    p.add_argument("--data-dir", default=None, help="data directory (default $CEE_DATA_DIR or ../shared/data)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--compare", nargs="+", default=None, metavar="HEADS_DIR",
-                   help="train nothing: print the held-out agreement per layer of these heads folders (and of "
-                        "untrained heads) on the same positions")
-    a = p.parse_args(argv)
+@user_errors
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(Stage1Args, argv, __doc__)
     if a.compare:
-        return compare_heads(a.compare, a.eval_prompts, a.per_prompt, a.max_response, a.seed + 1, a.data_dir,
+        return compare_heads(list(a.compare), a.eval_prompts, a.per_prompt, a.max_response, a.seed + 1, a.data_dir,
                              a.threads)
-    a = argparse.Namespace(**{k: v for k, v in vars(a).items() if k != "compare"})
-    return stage1(Stage1Args(**{k.replace("-", "_"): v for k, v in vars(a).items()}))
+    return stage1(a)
 
 
 if __name__ == "__main__":
