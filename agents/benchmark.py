@@ -1,573 +1,611 @@
-"""The paper's accuracy-speed comparison (Table 3 layout, Figure 4 ablation) on one stage-1 backbone.
+"""Learned exits against the confidence heuristics: every knob chosen on calib, every score reported on test.
 
-    python -m agents.benchmark --tasks RTE,MRPC
-    python -m agents.benchmark --tasks RTE --alphas 0.01,0.05 --epochs 5 --test-file RTE=path/to/labelled_test.tsv
+    python -m agents.benchmark                                            # RTE, MRPC, SST2, MCID, StackOverflow
+    python -m agents.benchmark --tasks MCID --test-file MCID=path/to/labelled_test.tsv
 
-Every method is an ExitPolicy scored by the one evaluator on the same cached
-backbone outputs, and every method's knob is swept:
+Data roles (:mod:`backbones.protocol`): the stage-1 backbone fits *fit*; every method learns
+and chooses on *calib* (training rows the deployed backbone never saw: a held-out fraction,
+the spare rows of a subset task, or out-of-fold outputs under ``--protocol crossfit``); the
+*test* sets are reported once and never read while choosing: the task's dev file (no
+labelled GLUE test exists, so GLUE dev plays the test set) and every ``--test-file``.
 
-  static exit at layer k (k = 1..L)       DeeBERT: entropy threshold
-  Right-Tool: max-probability threshold   PABEE: patience 1..L-1
-  BERxiT: LTE-head threshold (head fitted on the train cache)
-  ConsistentEE, vanilla (Eq 3) and hardness-guided (Eq 4) rewards: alpha sweep,
-    one REINFORCE policy per (reward, alpha, seed), inference threshold 0.5 (paper)
-  [extension] the same policies with their exit threshold swept too
-  the full-depth backbone and the oracle (first correct layer) as references
+Methods: each gives a score per instance and layer and exits at the first layer whose
+score passes its knob (the last layer always exits).
 
-Two operating points per method are chosen on DEV: (a) the most saved layers with
-no loss against the full-depth model's dev score, (b) the most saved layers with
-at most 1 point lost. They are reported on dev (optimistic: chosen and measured on
-the same data) and, for tasks given a labelled --test-file, on test (the test
-score of the knob chosen on dev). With several seeds, a ConsistentEE point is the
-mean over seeds of one alpha.
+- heuristics: static exit at layer k; DeeBERT (entropy); Right-Tool (max probability);
+  PABEE (patience count);
+- BERxiT: a learned exit head (linear + sigmoid on the pooled state, "is this layer right?");
+- learned policies in the environment (``--learners ALGO:OBS:REWARD``): REINFORCE (Eq 5)
+  or fitted Q iteration (``agents.fqi``), one policy per alpha, any observation mode and
+  reward; each twice: the paper's rule (pi > 0.5, alpha chosen) and with the exit
+  threshold chosen too.
 
-Writes under --out (default runs/benchmark/): table.md (Table 3 layout, dev and
-test), results.json (every point: method, knob, seed, split, metric, saved, avg
-exit), <task>_curves.png (metric vs saved layers, every method) and
-fig4_reward_ablation.png (vanilla vs hardness-guided reward: metric vs speed-up
-L / avg exit layer over the alpha sweep). The trained policies are saved by
-agents.reinforce under runs/reinforce/benchmark-<task>-<reward>-a<alpha>-s<seed>-e<epochs>/.
-Runtime is dominated by building the caches (first run: stage-1 training and a
-pass over every split) and by the REINFORCE runs; timings are printed.
+Learned methods are cross-fitted on calib: ``--calib-folds`` K models, each trained on K-1
+folds and scoring the fold it did not see; their out-of-fold scores choose the knob, and
+the deployed rule averages the K models' scores. Heuristics choose on the whole of calib.
+
+Operating points, chosen on calib for every method alike: "no loss" = the most saved layers
+with a calib score >= the full-depth calib score; "<= 1 pt" = at most ``--max-drop`` below.
+The headline of each task compares the learned method and the heuristic that are best on
+calib at "<= 1 pt" (most saved calib layers), with the test score and saved layers of the
+knob they chose. Saved layers = 1 - avg exit layer / L.
+
+Writes under --out (default runs/benchmark/): table.md, results.json (every point on every
+split), <task>_curves.png (metric vs saved layers on calib and test) and
+fig4_reward_ablation.png (Eq 3 vs Eq 4 with the paper's rule, on the test splits).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from agents.policies.heuristics import (
-    BerxitExit,
-    EntropyExit,
-    LTEConfig,
-    MaxProbExit,
-    PatienceExit,
-    max_prob,
-    prediction_entropy,
-    threshold_grid,
-    train_lte,
-)
-from agents.evaluate import EvalResult, evaluate
-from agents.policies import LearnedExit, OracleExit, StaticExit
+from agents.evaluate import EvalResult, score_exits
+from agents.policies.heuristics import LTEConfig, BerxitExit, max_prob, patience_counters, prediction_entropy, train_lte
+from backbones.cli import Repeatable
 from cee_env.cache import LayerCache
 
 DEFAULT_TASKS = ("RTE", "MRPC", "SST2", "MCID", "StackOverflow")
-
-# Swept methods, in table order: key -> (label, knob name).
-METHODS: dict[str, tuple[str, str]] = {
-    "static": ("Static exit at layer k", "k"),
-    "deebert": ("DeeBERT (entropy)", "threshold"),
-    "maxprob": ("Right-Tool (max prob)", "threshold"),
-    "pabee": ("PABEE (patience)", "patience"),
-    "berxit": ("BERxiT (learned LTE)", "threshold"),
-    "consistentee-vanilla": ("ConsistentEE, vanilla reward (Eq 3)", "alpha"),
-    "consistentee-hardness": ("ConsistentEE, hardness reward (Eq 4)", "alpha"),
-    "consistentee-vanilla-thr": ("[extension] ConsistentEE Eq 3, alpha x threshold", "alpha,threshold"),
-    "consistentee-hardness-thr": ("[extension] ConsistentEE Eq 4, alpha x threshold", "alpha,threshold"),
-}
-REFERENCES = {"full": "Backbone, full depth", "oracle": "Oracle (first correct layer, ceiling)"}
-
-NOTE = ("Operating points are chosen on DEV: 'no loss' = the most saved layers with dev score >= the "
-        "full-depth model's dev score; '<=1 pt' = the most saved layers with at most 1 point below it. "
-        "Dev numbers are optimistic (chosen and reported on the same data); test numbers are the test "
-        "scores of the knob chosen on dev. '-' = no knob value met the constraint. Scores are percentages "
-        "of the task metric; (-x%) is saved layers = 1 - avg exit layer / L.")
+DEFAULT_LEARNERS = ("reinforce:state:hardness", "reinforce:state:vanilla", "reinforce:confidence:hardness",
+                    "reinforce:confidence:consistency", "fqi:confidence:consistency")
+ALGOS = ("reinforce", "fqi")
+HEURISTICS = {"static": "Static exit at layer k", "deebert": "DeeBERT (entropy)",
+              "maxprob": "Right-Tool (max prob)", "pabee": "PABEE (patience)"}
+REWARD_LABEL = {"hardness": "Eq 4", "vanilla": "Eq 3", "hardness_weighted": "Eq 4 alt.",
+                "accuracy": "0/1 accuracy", "consistency": "0/1 consistency"}
+SPLIT_NOTE = {"calib": "calib (where knobs are chosen)", "dev": "dev (a test set: never read while choosing)",
+              "test": "test file (never read while choosing)"}
 
 
 @dataclass
 class BenchmarkConfig:
-    alphas: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
-    """ConsistentEE depth penalties (per layer) to sweep"""
-    rewards: tuple[str, ...] = ("vanilla", "hardness")
-    """ConsistentEE rewards: vanilla (Eq 3), hardness (Eq 4)"""
-    seeds: tuple[int, ...] = (0,)
-    """REINFORCE seeds per (reward, alpha); points are averaged over seeds"""
-    epochs: int = 10
-    """REINFORCE epochs per run (agents.reinforce's default is 30)"""
-    rl_train_limit: int | None = 4000
-    """train the policies on a fixed random subset of this many train instances (None: all)"""
-    policy_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    """[extension] exit thresholds of every trained policy to sweep too (empty: off)"""
-    grid: int = 41
-    """threshold grid size of DeeBERT / Right-Tool / BERxiT (evenly spaced + as many train quantiles)"""
-    lte: LTEConfig = field(default_factory=LTEConfig)
-    """how the BERxiT LTE head is fitted"""
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    """tasks to run"""
+    learners: tuple[str, ...] = DEFAULT_LEARNERS
+    """learned policies as ALGO:OBS:REWARD (algo reinforce or fqi; obs an env observation mode; reward an env reward)"""
+    alphas: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+    """depth penalties to sweep, one policy per alpha and fold"""
+    calib_folds: int = 2
+    """cross-fitting folds of calib for the learned methods"""
+    max_drop: float = 0.01
+    """the '<= 1 pt' operating point allows this drop below full depth on calib (0.01 = 1 point)"""
+    epochs: int = 20
+    """REINFORCE epochs per policy"""
+    seed: int = 0
+    """seed of the calib folds and of every policy"""
+    grid: int = 61
+    """thresholds per score: quantiles of the score on calib (plus fixed points)"""
+    protocol: str | None = None
+    """calib protocol: holdout or crossfit (default: each task's, backbones.protocol.default_protocol)"""
+    test_file: Repeatable = ()
+    """TASK=PATH: a labelled test file for a task (repeatable); reported with the calib-chosen knobs"""
+    checkpoint: Repeatable = ()
+    """TASK=PATH: the deployed stage-1 checkpoint of a task (repeatable; default: the protocol's, trained if missing)"""
+    data_dir: str | None = None
+    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
     out: str | None = None
-    """output folder (default: runs/benchmark)"""
+    """output folder (default runs/benchmark)"""
+    threads: int = 1
+    """torch threads while training policies (backbones and caches are built with every core)"""
     plots: bool = True
+    """write the PNG figures"""
     quiet: bool = False
+    """print only the tables"""
+    lte: LTEConfig = field(default_factory=LTEConfig)
+    """how the BERxiT exit head is fitted"""
 
 
-# --------------------------------------------------------------------------- points
-def _knob_key(knob: dict) -> str:
-    return json.dumps(knob, sort_keys=True)
+# --------------------------------------------------------------------------- scores and points
+def exits_at(score: np.ndarray, threshold: float) -> np.ndarray:
+    """0-based exit layer: the first layer whose score is above ``threshold`` (the last layer otherwise)."""
+    m = score > threshold
+    m[:, -1] = True
+    return m.argmax(1)
 
 
-def make_point(task: str, method: str, knob: dict, split: str, res: EvalResult, seed: int | None = None) -> dict:
-    return {"task": task, "method": method, "knob": knob, "seed": seed, "split": split,
-            "metric_name": res.metric_name, "metric": res.metric, "accuracy": res.accuracy,
-            "saved": res.saved_layers, "avg_exit": res.avg_exit_layer, "num_layers": res.num_layers,
-            "n": res.n, "exit_hist": res.exit_hist}
+def make_point(task: str, method: str, knob: dict, split: str, res: EvalResult) -> dict:
+    return {"task": task, "method": method, "knob": knob, "split": split, "metric_name": res.metric_name,
+            "metric": res.metric, "accuracy": res.accuracy, "saved": res.saved_layers, "avg_exit": res.avg_exit_layer,
+            "num_layers": res.num_layers, "n": res.n, "exit_hist": res.exit_hist}
 
 
-def _eval_splits(caches: dict[str, LayerCache]) -> list[str]:
-    """Labelled evaluation splits, dev first."""
-    splits = [s for s in caches if s != "train" and caches[s].has_labels]
-    return sorted(splits, key=lambda s: (s != "dev", s))
+def threshold_grid(calib_score: np.ndarray, n: int, fixed: tuple[float, ...] = ()) -> list[float]:
+    """Quantiles of the calib score at layers 1..L-1, the fixed points, and +inf (never exit early)."""
+    v = np.asarray(calib_score[:, :-1], dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    qs = np.quantile(v, np.linspace(0, 1, n)) if v.size else np.array([])
+    grid = {round(float(t), 6) for t in np.concatenate([qs, np.asarray(fixed, dtype=np.float64)])}
+    return sorted(grid) + [float("inf")]
 
 
-def _log(cfg: BenchmarkConfig, msg: str) -> None:
-    if not cfg.quiet:
-        print(msg, flush=True)
+def score_points(task: str, method: str, scores: dict[str, np.ndarray], caches: dict[str, LayerCache],
+                 knobs: list[tuple[dict, float]]) -> list[dict]:
+    """Points of one score family: every (knob, threshold) on every split."""
+    out = []
+    for split, s in scores.items():
+        for knob, thr in knobs:
+            e = exits_at(s, thr)
+            out.append(make_point(task, method, knob, split, score_exits(e, caches[split], method)))
+    return out
 
 
-def sweep_baselines(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig) -> list[dict]:
-    """Points of the full-depth model, the oracle and every heuristic / BERxiT knob value on every eval split."""
-    train = caches["train"]
-    L, C = train.num_layers, train.num_classes
-    lp_train = np.asarray(train.log_probs[:, : L - 1])
-    policies: list[tuple[str, dict, object]] = [("full", {}, StaticExit(L)), ("oracle", {}, OracleExit())]
-    policies += [("static", {"k": k}, StaticExit(k)) for k in range(1, L + 1)]
-    policies += [("deebert", {"threshold": t}, EntropyExit(t))
-                 for t in threshold_grid(prediction_entropy(lp_train), 0.0, float(np.log(C)), cfg.grid)]
-    policies += [("maxprob", {"threshold": t}, MaxProbExit(t))
-                 for t in threshold_grid(max_prob(lp_train), 1.0 / C, 1.0, cfg.grid)]
-    policies += [("pabee", {"patience": p}, PatienceExit(p)) for p in range(1, max(L, 2))]
-    t0 = time.time()
-    head = train_lte(train, cfg.lte)
-    lte_train = BerxitExit(head, 0.5).scores(train)[:, : L - 1]
-    _log(cfg, f"  [{task}] BERxiT LTE head fitted in {time.time() - t0:.1f} s "
-              f"(train-cache mean score {lte_train.mean():.3f}, train accuracy of the layers "
-              f"{(train.preds == np.asarray(train.labels)[:, None]).mean():.3f})")
-    policies += [("berxit", {"threshold": t}, BerxitExit(head, t))
-                 for t in threshold_grid(lte_train, 0.0, 1.0, cfg.grid)]
+def heuristic_scores(cache: LayerCache) -> dict[str, np.ndarray]:
+    return {"deebert": -prediction_entropy(cache.log_probs), "maxprob": max_prob(cache.log_probs),
+            "pabee": patience_counters(cache.preds).astype(np.float64)}
+
+
+def sweep_heuristics(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig) -> list[dict]:
+    """Full depth, oracle, static exits and the three confidence rules on every split."""
+    L = caches["calib"].num_layers
     points = []
-    for split in _eval_splits(caches):
-        for method, knob, pol in policies:
-            points.append(make_point(task, method, knob, split, evaluate(pol, caches[split])))
+    for split, c in caches.items():
+        for k in range(1, L + 1):
+            res = score_exits(np.full(c.num_instances, k - 1), c, f"static-{k}")
+            points.append(make_point(task, "static", {"k": k}, split, res))
+            if k == L:
+                points.append(make_point(task, "full", {}, split, res))
+        orc = np.where((c.preds == c.labels[:, None]).any(1), (c.preds == c.labels[:, None]).argmax(1), L - 1)
+        points.append(make_point(task, "oracle", {}, split, score_exits(orc, c, "oracle")))
+    scores = {split: heuristic_scores(c) for split, c in caches.items()}
+    for method in ("deebert", "maxprob", "pabee"):
+        if method == "pabee":
+            thrs = [p - 0.5 for p in range(1, L)] + [float("inf")]
+        else:
+            thrs = threshold_grid(scores["calib"][method], cfg.grid)
+        knobs = [({"threshold": t}, t) for t in thrs]
+        points += score_points(task, method, {s: v[method] for s, v in scores.items()}, caches, knobs)
     return points
+
+
+def take(cache: LayerCache, idx: np.ndarray) -> LayerCache:
+    """The instances ``idx`` of a cache, as a cache of their own."""
+    idx = np.asarray(idx)
+    return LayerCache(states=np.ascontiguousarray(cache.states[idx]), log_probs=np.ascontiguousarray(cache.log_probs[idx]),
+                      labels=np.asarray(cache.labels)[idx], task=cache.task, split=cache.split,
+                      label_names=cache.label_names, metric=cache.metric,
+                      fingerprint=f"{cache.fingerprint}-rows{len(idx)}", meta=dict(cache.meta))
+
+
+def calib_folds(cache: LayerCache, k: int, seed: int) -> list[np.ndarray]:
+    """Stratified folds of calib (row indices) for cross-fitting the learned methods."""
+    from backbones.protocol import fold_ids
+
+    ids = fold_ids(np.asarray(cache.labels), k, seed)
+    return [np.flatnonzero(ids == j) for j in range(k)]
+
+
+def crossfit_scores(fit, caches: dict[str, LayerCache], folds: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """``fit(train_cache, held_cache, j)`` -> score function; out-of-fold scores on calib, fold-mean elsewhere."""
+    calib = caches["calib"]
+    out = {s: np.zeros((c.num_instances, c.num_layers)) for s, c in caches.items()}
+    for j, held in enumerate(folds):
+        rest = np.setdiff1d(np.arange(calib.num_instances), held)
+        score = fit(take(calib, rest), take(calib, held), j)
+        out["calib"][held] = score(take(calib, held))
+        for s, c in caches.items():
+            if s != "calib":
+                out[s] += score(c) / len(folds)
+    return out
+
+
+def parse_learner(spec: str) -> tuple[str, str, str]:
+    """'ALGO:OBS:REWARD' -> (algo, obs, reward), checked."""
+    from cee_env.observations import OBS_MODES
+    from cee_env.rewards import REWARDS
+
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] not in ALGOS or parts[1] not in OBS_MODES or parts[2] not in REWARDS:
+        raise ValueError(f"--learners expects ALGO:OBS:REWARD with ALGO in {ALGOS}, OBS in {OBS_MODES}, "
+                         f"REWARD in {REWARDS}; got {spec!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def learner_label(spec: str, paper_rule: bool) -> str:
+    algo, obs, reward = parse_learner(spec)
+    name = "ConsistentEE (REINFORCE)" if algo == "reinforce" else "FQI"
+    rule = "pi > 0.5, alpha chosen" if paper_rule else "alpha and threshold chosen"
+    return f"{name}, {obs} obs, {REWARD_LABEL[reward]} reward, {rule}"
+
+
+def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig):
+    algo, obs, reward = parse_learner(spec)
+
+    def fit(train: LayerCache, held: LayerCache, j: int):
+        name = f"benchmark-{task}-{algo}-{obs}-{reward}-a{alpha:g}-f{j}of{cfg.calib_folds}-s{cfg.seed}"
+        caches = {"train": train, "dev": held}
+        if algo == "reinforce":
+            from agents.reinforce import Args, train as fit_policy
+
+            args = Args(env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), epochs=cfg.epochs,
+                        seed=cfg.seed + j, eval_every=10 ** 9, quiet=True, run_name=name, torch_threads=cfg.threads)
+        else:
+            from agents.fqi import Args, train as fit_policy
+
+            args = Args(env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), seed=cfg.seed + j,
+                        quiet=True, run_name=name, torch_threads=cfg.threads)
+        policy = fit_policy(args, caches)["policy"]
+        return lambda c: policy.exit_probs(c.states if policy.needs_states else None, c.log_probs)
+
+    return fit
+
+
+def _lte_fitter(cfg: BenchmarkConfig):
+    def fit(train: LayerCache, held: LayerCache, j: int):
+        head = train_lte(train, replace(cfg.lte, seed=cfg.seed + j))
+        return BerxitExit(head, 0.5).scores
+
+    return fit
+
+
+def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig, log) -> tuple[list[dict], dict]:
+    """BERxiT and every learner x alpha, cross-fitted on calib; points of every knob on every split."""
+    folds = calib_folds(caches["calib"], cfg.calib_folds, cfg.seed)
+    points, timing = [], {}
+    t0 = time.time()
+    s = crossfit_scores(_lte_fitter(cfg), caches, folds)
+    points += score_points(task, "berxit", s, caches, [({"threshold": t}, t) for t in threshold_grid(s["calib"], cfg.grid)])
+    timing["berxit_s"] = round(time.time() - t0, 1)
+    for spec in cfg.learners:
+        t0 = time.time()
+        for alpha in cfg.alphas:
+            s = crossfit_scores(_policy_fitter(task, spec, alpha, cfg), caches, folds)
+            thr = threshold_grid(s["calib"], cfg.grid, fixed=(0.5,))
+            points += score_points(task, spec, s, caches, [({"alpha": alpha, "threshold": t}, t) for t in thr])
+            points += score_points(task, spec + "+paper", s, caches, [({"alpha": alpha}, 0.5)])
+        timing[f"{spec}_s"] = round(time.time() - t0, 1)
+        calib = caches["calib"]
+        ref = score_exits(np.full(calib.num_instances, calib.num_layers - 1), calib, "full").metric
+        cal = choose([p for p in points if p["method"] == spec and p["split"] == "calib"], ref, cfg.max_drop)
+        log(f"  [{task}] {spec}: {len(cfg.alphas)} alphas x {cfg.calib_folds} folds in {timing[f'{spec}_s']:.0f} s; "
+            f"calib <=1 pt: {_describe(cal)}")
+    return points, timing
+
+
+def _describe(p: dict | None) -> str:
+    if p is None:
+        return "-"
+    knob = ", ".join(f"{k}={v:.4g}" for k, v in p["knob"].items())
+    return f"{100 * p['metric']:.1f} at {100 * p['saved']:.1f}% saved ({knob})"
 
 
 def _env_id(task: str) -> str:
     import gymnasium as gym
 
-    import cee_env  # noqa: F401  (registers the envs)
+    import cee_env
 
-    return f"cee/{task}-v0" if f"cee/{task}-v0" in gym.registry else "cee/Synthetic-v0"
-
-
-def subset_cache(cache: LayerCache, limit: int | None, seed: int = 0) -> LayerCache:
-    """A fixed random subset of ``limit`` instances (the cache itself when it is not larger)."""
-    if not limit or cache.num_instances <= limit:
-        return cache
-    idx = np.sort(np.random.default_rng(seed).choice(cache.num_instances, limit, replace=False))
-    return LayerCache(states=np.ascontiguousarray(cache.states[idx]), log_probs=np.ascontiguousarray(cache.log_probs[idx]),
-                      labels=np.asarray(cache.labels)[idx], task=cache.task, split=cache.split,
-                      label_names=cache.label_names, metric=cache.metric,
-                      fingerprint=f"{cache.fingerprint}-subset{limit}-s{seed}", meta=dict(cache.meta))
+    try:
+        return cee_env.register_task_env(task) if task.lower() != "synthetic" else "cee/Synthetic-v0"
+    except gym.error.Error:
+        return "cee/Synthetic-v0"
 
 
-def sweep_consistentee(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig,
-                       timing: dict | None = None) -> list[dict]:
-    """Train one policy per (reward, alpha, seed) and score it at threshold 0.5 (and the extension thresholds)."""
-    from agents.reinforce import Args, train
-
-    rl_caches = dict(caches)
-    rl_caches["train"] = subset_cache(caches["train"], cfg.rl_train_limit)
-    env, splits, points = _env_id(task), _eval_splits(caches), []
-    run_secs = []
-    for reward in cfg.rewards:
-        for alpha in cfg.alphas:
-            for seed in cfg.seeds:
-                t0 = time.time()
-                args = Args(env=env, reward=reward, alpha=float(alpha), epochs=cfg.epochs, seed=int(seed),
-                            eval_every=max(1, cfg.epochs), quiet=True,
-                            run_name=f"benchmark-{task}-{reward}-a{alpha:g}-s{seed}-e{cfg.epochs}")
-                policy = train(args, rl_caches)["policy"]
-                run_secs.append(time.time() - t0)
-                for split in splits:
-                    res = evaluate(policy, caches[split])
-                    points.append(make_point(task, f"consistentee-{reward}", {"alpha": float(alpha)}, split, res, seed))
-                    for thr in cfg.policy_thresholds:
-                        r = evaluate(LearnedExit(policy.net, float(thr)), caches[split])
-                        points.append(make_point(task, f"consistentee-{reward}-thr",
-                                                 {"alpha": float(alpha), "threshold": float(thr)}, split, r, seed))
-                dev = next(p for p in points[::-1] if p["method"] == f"consistentee-{reward}" and p["split"] == splits[0])
-                _log(cfg, f"  [{task}] ConsistentEE {reward:<8} alpha={alpha:<6g} seed={seed}: {splits[0]} "
-                          f"{dev['metric_name']} {100 * dev['metric']:5.1f}  saved {100 * dev['saved']:5.1f}%  "
-                          f"({run_secs[-1]:.0f} s)")
-    if timing is not None:
-        timing["reinforce_runs"] = len(run_secs)
-        timing["reinforce_s_per_run"] = round(float(np.mean(run_secs)), 1) if run_secs else 0.0
-        timing["reinforce_train_instances"] = rl_caches["train"].num_instances
-    return points
-
-
-def aggregate_seeds(points: list[dict]) -> list[dict]:
-    """One point per (task, method, knob, split): metric, accuracy, saved and avg exit averaged over seeds."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for p in points:
-        groups[(p["task"], p["method"], _knob_key(p["knob"]), p["split"])].append(p)
-    out = []
-    for g in groups.values():
-        q = {k: v for k, v in g[0].items() if k not in ("seed", "exit_hist")}
-        for k in ("metric", "accuracy", "saved", "avg_exit"):
-            q[k] = float(np.mean([p[k] for p in g]))
-        q["metric_std"] = float(np.std([p["metric"] for p in g]))
-        q["seeds"] = [p["seed"] for p in g]
-        out.append(q)
-    return out
-
-
-def select_operating_point(points: list[dict], reference: float, max_drop: float) -> dict | None:
-    """The point with the most saved layers among those with metric >= reference - max_drop.
-
-    Ties go to the higher metric, then to the earlier point. None when no point qualifies.
-    """
+# --------------------------------------------------------------------------- choosing on calib
+def choose(points: list[dict], reference: float, max_drop: float) -> dict | None:
+    """The point with the most saved layers among those scoring >= reference - max_drop (ties: higher
+    score, then the earlier point); None when none qualifies."""
     ok = [(i, p) for i, p in enumerate(points) if p["metric"] >= reference - max_drop - 1e-9]
     if not ok:
         return None
     return max(ok, key=lambda ip: (round(ip[1]["saved"], 12), round(ip[1]["metric"], 12), -ip[0]))[1]
 
 
-def operating_points(points: list[dict], task: str) -> dict:
-    """For every method of ``task``: the knob chosen on dev for 'no loss' and '<=1 pt', with its dev and test points."""
+def _full(points: list[dict], task: str, split: str) -> float:
+    return next(p["metric"] for p in points if p["task"] == task and p["method"] == "full" and p["split"] == split)
+
+
+def _key(p: dict) -> tuple:
+    return (p["method"], json.dumps(p["knob"], sort_keys=True), p["split"])
+
+
+def operating_points(points: list[dict], task: str, max_drop: float) -> dict:
+    """Per method, the knob chosen on calib for 'no_loss' and 'max1', with its point on every split."""
     mine = [p for p in points if p["task"] == task]
-    by = {(p["method"], _knob_key(p["knob"]), p["split"]): p for p in mine}
-    full = by.get(("full", "{}", "dev"))
-    if full is None:
-        raise ValueError(f"{task}: no dev evaluation of the full-depth model")
-    splits = sorted({p["split"] for p in mine}, key=lambda s: (s != "dev", s))
-    out: dict = {"reference_dev": full["metric"]}
-    for ref in REFERENCES:
-        out[ref] = {s: by.get((ref, "{}", s)) for s in splits}
-    for method in METHODS:
-        dev_pts = [p for p in mine if p["method"] == method and p["split"] == "dev"]
-        if not dev_pts:
-            continue
+    by = {_key(p): p for p in mine}
+    splits = sorted({p["split"] for p in mine}, key=lambda s: ("calib", "dev", "test").index(s) if s in
+                    ("calib", "dev", "test") else 9)
+    ref = _full(mine, task, "calib")
+    out: dict = {"reference_calib": ref, "splits": splits}
+    for fixed in ("full", "oracle"):
+        out[fixed] = {s: by.get((fixed, "{}", s)) for s in splits}
+    for method in dict.fromkeys(p["method"] for p in mine if p["method"] not in ("full", "oracle")):
+        cal = [p for p in mine if p["method"] == method and p["split"] == "calib"]
         out[method] = {}
-        for name, drop in (("no_loss", 0.0), ("max1", 0.01)):
-            chosen = select_operating_point(dev_pts, full["metric"], drop)
-            out[method][name] = None if chosen is None else {
-                "knob": chosen["knob"], **{s: by.get((method, _knob_key(chosen["knob"]), s)) for s in splits}}
+        for name, drop in (("no_loss", 0.0), ("max1", max_drop)):
+            c = choose(cal, ref, drop)
+            out[method][name] = None if c is None else {
+                "knob": c["knob"], **{s: by.get((method, json.dumps(c["knob"], sort_keys=True), s)) for s in splits}}
     return out
 
 
-# --------------------------------------------------------------------------- table
-def _cell(p: dict | None) -> str:
-    return "-" if p is None else f"{100 * p['metric']:.1f} (-{100 * p['saved']:.0f}%)"
+def headline(ops: dict, learned: list[str]) -> dict:
+    """The learned method and the heuristic best on calib at '<= 1 pt', with their test points."""
+    def best(methods):
+        cand = [(m, ops[m]["max1"]) for m in methods if m in ops and ops[m]["max1"] is not None]
+        if not cand:
+            return None
+        m, op = max(cand, key=lambda mo: (round(mo[1]["calib"]["saved"], 12), round(mo[1]["calib"]["metric"], 12)))
+        return {"method": m, **op}
+
+    return {"learned": best(learned), "heuristic": best(list(HEURISTICS))}
 
 
-def markdown_table(ops: dict[str, dict], tasks: list[str], split: str, meta: dict[str, dict]) -> str:
-    """Table 3 layout: rows = methods (two operating points each), columns = tasks, average score, average saved."""
-    tasks = [t for t in tasks if split in ops[t]["full"] and ops[t]["full"][split] is not None]
+# --------------------------------------------------------------------------- tables
+def method_label(method: str) -> str:
+    if method in HEURISTICS:
+        return HEURISTICS[method]
+    if method == "berxit":
+        return "BERxiT (learned exit head)"
+    paper = method.endswith("+paper")
+    return learner_label(method.removesuffix("+paper"), paper)
+
+
+def _cell(p: dict | None, full: dict | None) -> str:
+    if p is None:
+        return "-"
+    d = 100 * (p["metric"] - full["metric"]) if full else 0.0
+    return f"{100 * p['metric']:.1f} ({d:+.1f}) {100 * p['saved']:.0f}%"
+
+
+def markdown_table(ops_by_task: dict, tasks: list[str], split: str, op: str) -> str:
+    """Rows = methods, columns = tasks: score (change vs full depth) and saved layers at the calib-chosen knob."""
+    tasks = [t for t in tasks if split in ops_by_task[t]["splits"]]
     if not tasks:
         return ""
-    head = [f"{t} {meta[t]['metric_name']}" for t in tasks]
-    lines = [f"| method ({split}) | " + " | ".join(head) + " | avg score | avg saved |",
-             "|---" * (len(tasks) + 3) + "|"]
-
-    def row(label: str, cells: list[dict | None]) -> str:
-        have = [c for c in cells if c is not None]
-        mark = "" if len(have) == len(cells) else f" ({len(have)}/{len(cells)} tasks)"
-        avg_s = f"{100 * np.mean([c['metric'] for c in have]):.1f}{mark}" if have else "-"
-        avg_v = f"{100 * np.mean([c['saved'] for c in have]):.0f}%{mark}" if have else "-"
-        return f"| {label} | " + " | ".join(_cell(c) for c in cells) + f" | {avg_s} | {avg_v} |"
-
-    Ls = sorted({meta[t]["num_layers"] for t in tasks})
-    lines.append(row(f"{REFERENCES['full']} ({'/'.join(map(str, Ls))} layers)", [ops[t]["full"][split] for t in tasks]))
-    for method, (label, knob) in METHODS.items():
-        if not any(method in ops[t] for t in tasks):
-            continue
-        for name, tag in (("no_loss", "no loss"), ("max1", "<=1 pt loss")):
-            cells = []
-            for t in tasks:
-                op = ops[t].get(method, {}).get(name)
-                cells.append(None if op is None else op.get(split))
-            lines.append(row(f"{label}, {tag}", cells))
-    lines.append(row(REFERENCES["oracle"], [ops[t]["oracle"][split] for t in tasks]))
+    metric = {t: (ops_by_task[t]["full"][split] or {}).get("metric_name", "") for t in tasks}
+    lines = [f"| method | " + " | ".join(f"{t} {metric[t]}" for t in tasks) + " | avg saved |",
+             "|---" * (len(tasks) + 2) + "|"]
+    full = {t: ops_by_task[t]["full"][split] for t in tasks}
+    lines.append("| Backbone, full depth | " + " | ".join(_cell(full[t], full[t]) for t in tasks) + " | 0% |")
+    methods = list(dict.fromkeys(m for t in tasks for m in ops_by_task[t] if isinstance(ops_by_task[t][m], dict)
+                                 and "max1" in ops_by_task[t][m]))
+    for m in methods:
+        cells = [(ops_by_task[t].get(m) or {}).get(op) for t in tasks]
+        pts = [None if c is None else c.get(split) for c in cells]
+        have = [p for p in pts if p is not None]
+        avg = f"{100 * np.mean([p['saved'] for p in have]):.0f}%" if len(have) == len(pts) else "-"
+        lines.append(f"| {method_label(m)} | " + " | ".join(_cell(p, full[t]) for p, t in zip(pts, tasks)) + f" | {avg} |")
+    lines.append("| Oracle (first correct layer) | " + " | ".join(
+        _cell(ops_by_task[t]["oracle"][split], full[t]) for t in tasks) + " | |")
     return "\n".join(lines)
 
 
-def knob_table(ops: dict[str, dict], tasks: list[str]) -> str:
-    """Which knob value each operating point chose (on dev)."""
-    lines = ["| method | operating point | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
-    for method, (label, _) in METHODS.items():
-        if not any(method in ops[t] for t in tasks):
-            continue
-        for name, tag in (("no_loss", "no loss"), ("max1", "<=1 pt")):
-            cells = []
-            for t in tasks:
-                op = ops[t].get(method, {}).get(name)
-                cells.append("-" if op is None else ", ".join(f"{k}={v:g}" for k, v in op["knob"].items()))
-            lines.append(f"| {label} | {tag} | " + " | ".join(cells) + " |")
+def headline_table(ops_by_task: dict, heads: dict, tasks: list[str]) -> str:
+    lines = ["| task | test split | best learned on calib | test score (change) | saved | best heuristic on calib | "
+             "test score (change) | saved | saved gap |", "|---" * 9 + "|"]
+    gaps: dict[str, list[float]] = defaultdict(list)
+    for t in tasks:
+        h = heads[t]
+        for split in ops_by_task[t]["splits"]:
+            if split == "calib":
+                continue
+            full = ops_by_task[t]["full"][split]
+            lp = None if h["learned"] is None else h["learned"].get(split)
+            hp = None if h["heuristic"] is None else h["heuristic"].get(split)
+            gap = "-" if lp is None or hp is None else f"{100 * (lp['saved'] - hp['saved']):+.1f}"
+            if gap != "-":
+                gaps[split].append(100 * (lp["saved"] - hp["saved"]))
+            lines.append(f"| {t} | {split} | {method_label(h['learned']['method']) if h['learned'] else '-'} | "
+                         f"{_cell(lp, full).rsplit(' ', 1)[0] if lp else '-'} | {100 * lp['saved']:.1f}% | "
+                         if lp else f"| {t} | {split} | - | - | - | ")
+            lines[-1] += (f"{method_label(h['heuristic']['method'])} | {_cell(hp, full).rsplit(' ', 1)[0]} | "
+                          f"{100 * hp['saved']:.1f}% | {gap} |" if hp else "- | - | - | - |")
+    for split, g in gaps.items():
+        lines.append(f"| average | {split} | | | | | | | {np.mean(g):+.1f} |")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- plots
-_STYLE = {
-    "static": dict(color="0.5", ls="--", marker="s", ms=3),
-    "deebert": dict(color="tab:blue", marker=".", ms=3),
-    "maxprob": dict(color="tab:cyan", marker=".", ms=3),
-    "pabee": dict(color="tab:green", marker="^", ms=4),
-    "berxit": dict(color="tab:purple", marker=".", ms=3),
-    "consistentee-vanilla": dict(color="tab:orange", marker="o", ms=5),
-    "consistentee-hardness": dict(color="tab:red", marker="o", ms=5),
-    "consistentee-vanilla-thr": dict(color="tab:orange", ls="none", marker="x", ms=3, alpha=0.35),
-    "consistentee-hardness-thr": dict(color="tab:red", ls="none", marker="x", ms=3, alpha=0.35),
-}
-
-
-def _pareto(pts: list[dict]) -> list[dict]:
-    """Upper-right frontier (saved, metric) of a cloud of points, for the extension curves."""
-    front, best = [], -np.inf
-    for p in sorted(pts, key=lambda p: (-p["saved"], -p["metric"])):
-        if p["metric"] > best:
-            front.append(p)
-            best = p["metric"]
-    return front[::-1]
-
-
-def plot_curves(points: list[dict], task: str, path: Path) -> None:
-    """Metric vs saved layers for every method, one panel per evaluation split."""
+def plot_curves(points: list[dict], ops: dict, task: str, path: Path) -> None:
+    """Metric vs saved layers per split: every method's upper frontier, the calib-chosen '<= 1 pt' points marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mine = [p for p in points if p["task"] == task]
-    splits = sorted({p["split"] for p in mine}, key=lambda s: (s != "dev", s))
-    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits) + 3.5, 5.2), squeeze=False)
+    from backbones.files import write_with
+
+    splits = ops["splits"]
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits) + 3, 5), squeeze=False)
+    methods = [m for m in ops if isinstance(ops[m], dict) and "max1" in ops[m]]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, split in zip(axes[0], splits):
-        sp = [p for p in mine if p["split"] == split]
-        full = next(p for p in sp if p["method"] == "full")
-        ax.axhline(100 * full["metric"], color="k", lw=0.8, label=f"full depth ({100 * full['metric']:.1f})")
-        ax.axhspan(100 * full["metric"] - 1, 100 * full["metric"], color="k", alpha=0.06, label="within 1 point")
-        for method, (label, _) in METHODS.items():
-            pts = [p for p in sp if p["method"] == method]
-            if not pts:
-                continue
-            style = dict(_STYLE.get(method, {}))
-            if method.endswith("-thr"):
-                ax.plot([100 * p["saved"] for p in pts], [100 * p["metric"] for p in pts], **style, label=label)
-                front = _pareto(pts)
-                ax.plot([100 * p["saved"] for p in front], [100 * p["metric"] for p in front],
-                        color=style["color"], ls=":", lw=1)
-                continue
-            pts = sorted(pts, key=lambda p: (p["saved"], p["metric"]))
-            ax.plot([100 * p["saved"] for p in pts], [100 * p["metric"] for p in pts], lw=1.2, label=label, **style)
-        orc = next((p for p in sp if p["method"] == "oracle"), None)
-        if orc:
-            ax.plot([100 * orc["saved"]], [100 * orc["metric"]], "k*", ms=11, label="oracle (ceiling)")
-        lo = min(100 * full["metric"] - 15, min(100 * p["metric"] for p in sp if p["method"] != "oracle") - 1)
-        ax.set_ylim(max(0, lo), min(100, (100 * orc["metric"] if orc else 100) + 2))
+        full = ops["full"][split]
+        ax.axhline(100 * full["metric"], color="k", lw=0.8, label="full depth")
+        ax.axhspan(100 * full["metric"] - 1, 100 * full["metric"], color="k", alpha=0.06)
+        for i, m in enumerate(methods):
+            pts = [p for p in points if p["task"] == task and p["method"] == m and p["split"] == split]
+            front, best = [], -np.inf
+            for p in sorted(pts, key=lambda p: (-p["saved"], -p["metric"])):
+                if p["metric"] > best:
+                    front.append(p)
+                    best = p["metric"]
+            front = front[::-1]
+            c = colors[i % len(colors)]
+            ax.plot([100 * p["saved"] for p in front], [100 * p["metric"] for p in front], color=c, lw=1,
+                    label=method_label(m)[:60])
+            chosen = ops[m]["max1"]
+            if chosen and chosen.get(split):
+                ax.plot([100 * chosen[split]["saved"]], [100 * chosen[split]["metric"]], "o", color=c, ms=6)
+        orc = ops["oracle"][split]
+        ax.plot([100 * orc["saved"]], [100 * orc["metric"]], "k*", ms=10, label="oracle")
+        ax.set_ylim(100 * full["metric"] - 12, max(100 * orc["metric"], 100 * full["metric"]) + 2)
         ax.set_xlim(-2, 100)
-        ax.set_xlabel("saved layers (%) = 1 - avg exit layer / L")
+        ax.set_xlabel("saved layers (%)")
         ax.set_ylabel(f"{full['metric_name']} (%)")
-        ax.set_title(f"{task} {split} (L={full['num_layers']}, n={full['n']})")
+        ax.set_title(f"{task} {split} (n={full['n']}); dots: '<= 1 pt' knobs chosen on calib", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    _save_fig(fig, path)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
-def plot_ablation(points: list[dict], tasks: list[str], path: Path, split: str = "dev") -> None:
-    """The paper's Figure 4: vanilla (Eq 3) vs hardness-guided (Eq 4) reward, metric vs speed-up over the alpha sweep."""
+def plot_ablation(points: list[dict], tasks: list[str], path: Path) -> None:
+    """The paper's Figure 4: Eq 3 vs Eq 4 with the paper's rule (state obs, pi > 0.5), metric vs speed-up, on dev."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.2), squeeze=False)
+    from backbones.files import write_with
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        sp = [p for p in points if p["task"] == task and p["split"] == split]
-        full = next((p for p in sp if p["method"] == "full"), None)
-        if full is not None:
-            ax.axhline(100 * full["metric"], color="k", lw=0.8, ls="--", label="full depth")
+        sp = [p for p in points if p["task"] == task and p["split"] == "dev"]
         for reward, color in (("vanilla", "tab:orange"), ("hardness", "tab:red")):
-            pts = sorted((p for p in sp if p["method"] == f"consistentee-{reward}"), key=lambda p: p["avg_exit"])
-            if not pts:
-                continue
-            x = [p["num_layers"] / p["avg_exit"] for p in pts]
-            y = [100 * p["metric"] for p in pts]
-            ax.plot(x, y, "o-", color=color, label=f"{reward} reward ({'Eq 3' if reward == 'vanilla' else 'Eq 4'})")
-            for xi, yi, p in zip(x, y, pts):
-                ax.annotate(f"{p['knob']['alpha']:g}", (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            pts = sorted((p for p in sp if p["method"] == f"reinforce:state:{reward}+paper"), key=lambda p: p["avg_exit"])
+            if pts:
+                ax.plot([p["num_layers"] / p["avg_exit"] for p in pts], [100 * p["metric"] for p in pts], "o-",
+                        color=color, label=f"{REWARD_LABEL[reward]}")
+        full = next((p for p in sp if p["method"] == "full"), None)
+        if full:
+            ax.axhline(100 * full["metric"], color="k", lw=0.8, ls="--", label="full depth")
         ax.set_xlabel("speed-up (L / avg exit layer)")
-        ax.set_ylabel(f"{full['metric_name'] if full else 'metric'} (%)")
-        ax.set_title(f"{task} {split}: reward ablation (labels = alpha)")
+        ax.set_title(f"{task} dev: reward ablation", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_fig(fig, path)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-
-
-def _save_fig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- driver
 def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: BenchmarkConfig | None = None,
                   timings: dict[str, dict] | None = None) -> dict:
-    """Run the whole comparison on given caches ({task: {"train", "dev"[, "test"]}}); write and return the results.
-
-    Returns {"points", "points_mean", "operating_points", "tables": {"dev", "test"}, "markdown", "files", ...}.
-    """
+    """The comparison on given caches ({task: {"calib", "dev"[, "test"]}}); writes and returns the results."""
+    from backbones.files import write_json, write_text
     from backbones.paths import runs_dir
 
     cfg = cfg or BenchmarkConfig()
+    for spec in cfg.learners:
+        parse_learner(spec)
     out_dir = Path(cfg.out) if cfg.out else runs_dir() / "benchmark"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    log = (lambda m: None) if cfg.quiet else (lambda m: print(m, flush=True))
     timings = {t: dict(v) for t, v in (timings or {}).items()}
-    tasks, points, meta = list(caches_by_task), [], {}
+    points: list[dict] = []
+    tasks = list(caches_by_task)
     for task, caches in caches_by_task.items():
-        for need in ("train", "dev"):
+        for need in ("calib", "dev"):
             if need not in caches:
-                raise ValueError(f"{task}: caches need a {need!r} split; got {sorted(caches)}")
-            if not caches[need].has_labels:
-                raise ValueError(f"{task}/{need}: the cache has no labels")
+                raise ValueError(f"{task}: the benchmark needs a {need!r} cache; got {sorted(caches)}")
+        for s, c in caches.items():
+            if not c.has_labels:
+                raise ValueError(f"{task}/{s}: the cache has no labels (a test file needs its labels)")
         tm = timings.setdefault(task, {})
         t0 = time.time()
-        _log(cfg, f"[{task}] baselines: {', '.join(_eval_splits(caches))} "
-                  f"(L={caches['dev'].num_layers}, train n={caches['train'].num_instances}, dev n={caches['dev'].num_instances})")
-        points += sweep_baselines(task, caches, cfg)
-        tm["baselines_s"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        if cfg.alphas and cfg.rewards and cfg.seeds:
-            points += sweep_consistentee(task, caches, cfg, tm)
-        tm["consistentee_s"] = round(time.time() - t0, 1)
-        dev_full = next(p for p in points if p["task"] == task and p["method"] == "full" and p["split"] == "dev")
-        meta[task] = {"num_layers": dev_full["num_layers"], "metric_name": dev_full["metric_name"],
-                      "n": {s: c.num_instances for s, c in caches.items()}}
-        _log(cfg, f"[{task}] done: baselines {tm['baselines_s']:.0f} s, ConsistentEE {tm['consistentee_s']:.0f} s"
-                  + (f" ({tm['reinforce_runs']} runs, {tm['reinforce_s_per_run']:.0f} s each)" if tm.get("reinforce_runs") else ""))
-    mean_pts = aggregate_seeds(points)
-    ops = {t: operating_points(mean_pts, t) for t in tasks}
-    tables = {s: markdown_table(ops, tasks, s, meta) for s in ("dev", "test")}
-    knobs = knob_table(ops, tasks)
-    md = [f"# Accuracy-speed comparison on the stage-1 backbone ({', '.join(tasks)})", "", NOTE, ""]
-    for s in ("dev", "test"):
-        if tables[s]:
-            md += [f"## {s}", "", tables[s], ""]
-    md += ["## Knob values chosen on dev", "", knobs, ""]
+        log(f"[{task}] heuristics on {', '.join(caches)} (L={caches['calib'].num_layers}, "
+            + ", ".join(f"{s} n={c.num_instances}" for s, c in caches.items()) + ")")
+        points += sweep_heuristics(task, caches, cfg)
+        tm["heuristics_s"] = round(time.time() - t0, 1)
+        learned_points, tl = sweep_learned(task, caches, cfg, log)
+        points += learned_points
+        tm.update(tl)
+    ops = {t: operating_points(points, t, cfg.max_drop) for t in tasks}
+    learned = ["berxit"] + [m for s in cfg.learners for m in (s, s + "+paper")]
+    rl_learned = [m for s in cfg.learners for m in (s, s + "+paper")]
+    heads = {t: headline(ops[t], rl_learned) for t in tasks}
+    md = [f"# Learned exits vs confidence heuristics ({', '.join(tasks)})", "",
+          "Every knob (threshold, patience, layer, alpha, policy threshold) is chosen on calib; test splits are "
+          "reported once. Cells: score (change vs full depth on that split) and saved layers. "
+          f"'<= 1 pt' allows {100 * cfg.max_drop:g} point below full depth on calib.", "",
+          "## Headline: best learned policy vs best heuristic, '<= 1 pt' chosen on calib", "",
+          headline_table(ops, heads, tasks), ""]
+    splits = list(dict.fromkeys(s for t in tasks for s in ops[t]["splits"]))
+    for split in [s for s in splits if s != "calib"] + ["calib"]:
+        for op, tag in (("max1", "<= 1 pt"), ("no_loss", "no loss")):
+            tbl = markdown_table(ops, tasks, split, op)
+            if tbl:
+                md += [f"## {SPLIT_NOTE.get(split, split)}, operating point '{tag}'", "", tbl, ""]
     markdown = "\n".join(md)
     files = {"table": out_dir / "table.md", "results": out_dir / "results.json"}
-    _write_text(files["table"], markdown)
+    write_text(files["table"], markdown)
     if cfg.plots:
         for t in tasks:
             files[f"curves_{t}"] = out_dir / f"{t}_curves.png"
-            plot_curves(mean_pts, t, files[f"curves_{t}"])
-        if cfg.alphas and cfg.rewards and cfg.seeds:
+            plot_curves(points, ops[t], t, files[f"curves_{t}"])
+        if any(s.startswith("reinforce:state:") for s in cfg.learners):
             files["ablation"] = out_dir / "fig4_reward_ablation.png"
-            plot_ablation(mean_pts, tasks, files["ablation"])
-    config = asdict(cfg)
-    result = {"note": NOTE, "config": config, "tasks": meta, "timing": timings, "operating_points": ops,
-              "tables": tables, "knobs": knobs, "points": points, "points_mean": mean_pts,
-              "files": {k: str(v) for k, v in files.items()}}
-    _write_text(files["results"], json.dumps(result, indent=1, default=_json_default))
+            plot_ablation(points, tasks, files["ablation"])
+    result = {"config": asdict(cfg), "timing": timings, "operating_points": ops, "headline": heads,
+              "learned_methods": learned, "points": points, "files": {k: str(v) for k, v in files.items()}}
+    write_json(files["results"], result)
     result["markdown"] = markdown
     return result
 
 
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def _pairs(items: tuple[str, ...], flag: str, tasks: tuple[str, ...]) -> dict[str, str]:
+    from backbones.tasks import get_task
 
-
-def _floats(s: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in s.split(",") if x.strip())
-
-
-def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
     out = {}
-    for it in items or []:
+    names = {get_task(t).name if t.lower() != "synthetic" else t for t in tasks}
+    for it in items:
         if "=" not in it:
-            raise SystemExit(f"{flag} expects TASK=PATH; got {it!r}")
-        k, v = it.split("=", 1)
-        out[k.strip()] = v.strip()
+            raise ValueError(f"{flag} expects TASK=PATH; got {it!r}")
+        k, v = (x.strip() for x in it.split("=", 1))
+        k = get_task(k).name if k.lower() != "synthetic" else k
+        if k not in names:
+            raise ValueError(f"{flag} names task {k!r}, which is not in --tasks {', '.join(tasks)}")
+        out[k] = v
     return out
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    d = BenchmarkConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks (default: %(default)s)")
-    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in d.alphas),
-                   help="ConsistentEE alphas to sweep (default: %(default)s); empty string: no ConsistentEE runs")
-    p.add_argument("--rewards", default=",".join(d.rewards), help="ConsistentEE rewards (default: %(default)s)")
-    p.add_argument("--seeds", default="0", help="REINFORCE seeds; points are averaged over them (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs,
-                   help="REINFORCE epochs per run (default: %(default)s; agents.reinforce uses 30)")
-    p.add_argument("--rl-train-limit", type=int, default=d.rl_train_limit,
-                   help="train policies on a fixed random subset of this many train instances; 0 = all (default: %(default)s)")
-    p.add_argument("--policy-thresholds", default=",".join(f"{t:g}" for t in d.policy_thresholds),
-                   help="[extension] exit thresholds of the trained policies to sweep as well; empty string: off "
-                        "(default: %(default)s). The paper's rule is 0.5.")
-    p.add_argument("--grid", type=int, default=d.grid,
-                   help="threshold grid size for DeeBERT / Right-Tool / BERxiT (default: %(default)s)")
-    p.add_argument("--lte-loss", choices=["mse", "bce"], default=d.lte.loss,
-                   help="loss of the BERxiT LTE head: mse (BERxiT's code) or bce (default: %(default)s)")
-    p.add_argument("--lte-epochs", type=int, default=d.lte.epochs, help="LTE head epochs (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="data directory (default $CEE_DATA_DIR or ../shared/data)")
-    p.add_argument("--test-file", action="append", metavar="TASK=PATH",
-                   help="labelled test file for a task (repeatable); its split is reported with the dev-chosen knobs")
-    p.add_argument("--checkpoint", action="append", metavar="TASK=PATH",
-                   help="stage-1 checkpoint for a task (repeatable; default: the task's default, trained if missing)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/benchmark)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default: %(default)s; small policy nets gain nothing from more)")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    return p.parse_args(argv)
+def load_caches(task: str, cfg: BenchmarkConfig, test_file: str | None, checkpoint: str | None) -> dict[str, LayerCache]:
+    """calib, dev and (with a test file) test caches of a task under the deployed checkpoint."""
+    from cee_env.cache import deployed_checkpoint, get_cache
+
+    if task.lower() == "synthetic":
+        from cee_env.synthetic import make_synthetic_cache
+
+        return {s: make_synthetic_cache(split=s, seed=cfg.seed) for s in ("calib", "dev")}
+    ckpt = checkpoint or deployed_checkpoint(task, cfg.protocol, cfg.data_dir)
+    kw = dict(task=task, checkpoint=ckpt, data_dir=cfg.data_dir)
+    out = {"calib": get_cache(split="calib", **kw), "dev": get_cache(split="dev", **kw)}
+    if test_file:
+        out["test"] = get_cache(split="test", test_file=test_file, **kw)
+    return out
 
 
-def main(argv=None) -> dict:
+def check(cfg: BenchmarkConfig) -> None:
+    from backbones.cli import UserError
+
+    if not cfg.tasks:
+        raise UserError("--tasks is empty")
+    if cfg.calib_folds < 2:
+        raise UserError(f"--calib-folds must be >= 2; got {cfg.calib_folds}")
+    if not (0.0 <= cfg.max_drop < 1.0):
+        raise UserError(f"--max-drop must be in [0, 1); got {cfg.max_drop}")
+    if any(not np.isfinite(a) or a < 0 for a in cfg.alphas):
+        raise UserError(f"--alphas must be finite and >= 0; got {cfg.alphas}")
+    if cfg.epochs < 1 or cfg.grid < 2 or cfg.threads < 1:
+        raise UserError("--epochs and --threads must be >= 1, --grid >= 2")
+    for s in cfg.learners:
+        parse_learner(s)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from backbones.cli import parse, user_errors
+
+    return user_errors(_main)(parse(BenchmarkConfig, argv, __doc__))
+
+
+def _main(cfg: BenchmarkConfig) -> dict:
     from agents.runtime import torch_threads
-    from agents.reinforce import Args, make_caches
 
-    a = parse_args(argv)
-    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    tests, ckpts = _pairs(a.test_file, "--test-file"), _pairs(a.checkpoint, "--checkpoint")
-    for k in list(tests) + list(ckpts):
-        if k not in tasks:
-            raise SystemExit(f"--test-file/--checkpoint names task {k!r}, which is not in --tasks {tasks}")
-    cfg = BenchmarkConfig(alphas=_floats(a.alphas), rewards=tuple(r for r in a.rewards.split(",") if r.strip()),
-                          seeds=tuple(int(s) for s in a.seeds.split(",") if s.strip()), epochs=a.epochs,
-                          rl_train_limit=a.rl_train_limit or None, policy_thresholds=_floats(a.policy_thresholds),
-                          grid=a.grid, lte=LTEConfig(loss=a.lte_loss, epochs=a.lte_epochs), out=a.out,
-                          plots=not a.no_plots)
+    check(cfg)
+    tests, ckpts = _pairs(cfg.test_file, "--test-file", cfg.tasks), _pairs(cfg.checkpoint, "--checkpoint", cfg.tasks)
     t_all = time.time()
     caches_by_task, timings = {}, {}
-    for task in tasks:
+    for task in cfg.tasks:
         t0 = time.time()
-        print(f"[{task}] loading (or building) the layer caches ...", flush=True)
-        caches_by_task[task] = make_caches(Args(env=f"cee/{task}-v0", data_dir=a.data_dir, test_file=tests.get(task),
-                                                checkpoint=ckpts.get(task)))
-        timings[task] = {"caches_s": round(time.time() - t0, 1)}
-        print(f"[{task}] caches ready in {timings[task]['caches_s']:.0f} s", flush=True)
-    with torch_threads(a.threads):  # the caches above were built with every core
+        print(f"[{task}] loading (or building) the backbone and the layer caches ...", flush=True)
+        name = task if task.lower() == "synthetic" else __import__("backbones.tasks", fromlist=["x"]).get_task(task).name
+        caches_by_task[name] = load_caches(name, cfg, tests.get(name), ckpts.get(name))
+        timings[name] = {"caches_s": round(time.time() - t0, 1)}
+    with torch_threads(cfg.threads):  # the caches above were built with every core
         res = run_benchmark(caches_by_task, cfg, timings)
     print("\n" + res["markdown"])
     print("timing (s):")

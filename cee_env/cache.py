@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -260,7 +260,7 @@ def _calib_cache(spec, ckpt: Path, data_dir, data_file, rebuild, batch_size, ver
     """Layer outputs of training rows ``ckpt`` never saw: its held-out rows, else out-of-fold outputs."""
     from backbones import protocol as P
     from backbones import tasks as T
-    from backbones.train import ensure_checkpoint
+    from backbones.train import TrainConfig, ensure_checkpoint
 
     tc = _train_config(ckpt)
     if not tc:
@@ -276,7 +276,8 @@ def _calib_cache(spec, ckpt: Path, data_dir, data_file, rebuild, batch_size, ver
     if len(held):  # holdout, or the spare rows of a subset (capped)
         return _layer_pass(spec, ckpt, "calib", ds, np.sort(held[: P.CALIB_ROWS]), data_id, rebuild, batch_size, verbose)
     parts, folds = [], P.FOLDS
-    keep = {k: v for k, v in tc.items() if k not in ("task", "out", "holdout", "folds", "fold")}
+    known = {f.name for f in fields(TrainConfig)}  # configs written by older versions may hold other keys
+    keep = {k: v for k, v in tc.items() if k in known and k not in ("task", "out", "holdout", "folds", "fold")}
     for k in range(folds):
         fk = ensure_checkpoint(spec.name, **{**keep, "folds": folds, "fold": k,
                                              "out": str(ckpt.parent / (ckpt.name + P.checkpoint_suffix(folds=folds, fold=k)))})

@@ -1,5 +1,4 @@
 """Baselines (DeeBERT, Right-Tool, PABEE, BERxiT) and the accuracy-speed benchmark, on hand-made and synthetic caches."""
-import json
 import math
 
 import numpy as np
@@ -16,17 +15,8 @@ from agents.policies.heuristics import (
     threshold_grid,
     train_lte,
 )
-from agents.benchmark import (
-    BenchmarkConfig,
-    aggregate_seeds,
-    main,
-    operating_points,
-    run_benchmark,
-    select_operating_point,
-    subset_cache,
-)
 from agents.evaluate import evaluate
-from agents.policies import ExitPolicy, StaticExit
+from agents.policies import ExitPolicy
 from cee_env import make_synthetic_cache
 from cee_env.cache import LayerCache
 
@@ -233,108 +223,3 @@ def _pt(method, saved, metric, split="dev", knob=None, task="T", seed=None):
     return {"task": task, "method": method, "knob": knob if knob is not None else {"v": saved}, "split": split,
             "metric": metric, "saved": saved, "seed": seed, "accuracy": metric, "avg_exit": 6 * (1 - saved),
             "metric_name": "accuracy", "num_layers": 6, "n": 10, "exit_hist": []}
-
-
-def test_select_operating_point_by_hand():
-    pts = [_pt("m", 0.10, 0.700), _pt("m", 0.30, 0.702), _pt("m", 0.50, 0.695), _pt("m", 0.60, 0.689),
-           _pt("m", 0.80, 0.600), _pt("m", 0.30, 0.710)]
-    ref = 0.70
-    no_loss = select_operating_point(pts, ref, 0.0)
-    assert no_loss["saved"] == 0.30 and no_loss["metric"] == 0.710  # tie on saved -> higher metric
-    assert select_operating_point(pts, ref, 0.01)["saved"] == 0.50  # 0.695 >= 0.69; 0.689 is 1.1 points off
-    assert select_operating_point(pts, ref, 0.2)["saved"] == 0.80
-    assert select_operating_point(pts, 0.9, 0.01) is None
-    assert select_operating_point([_pt("m", 0.2, 0.69)], 0.70, 0.01)["saved"] == 0.2  # exactly 1 point: allowed
-
-
-def test_operating_points_report_the_dev_chosen_knob_on_test():
-    pts = [_pt("full", 0.0, 0.70, knob={}), _pt("full", 0.0, 0.60, "test", knob={}),
-           _pt("oracle", 0.5, 0.9, knob={}), _pt("oracle", 0.5, 0.8, "test", knob={}),
-           _pt("deebert", 0.4, 0.70, knob={"threshold": 0.1}), _pt("deebert", 0.4, 0.50, "test", knob={"threshold": 0.1}),
-           _pt("deebert", 0.6, 0.65, knob={"threshold": 0.3}), _pt("deebert", 0.7, 0.62, "test", knob={"threshold": 0.3})]
-    ops = operating_points(pts, "T")
-    assert ops["reference_dev"] == 0.70
-    assert ops["deebert"]["no_loss"]["knob"] == {"threshold": 0.1}
-    assert ops["deebert"]["no_loss"]["test"]["metric"] == 0.50  # the test score of the dev choice, however bad
-    assert ops["deebert"]["max1"]["knob"] == {"threshold": 0.1}  # 0.65 is 5 points off
-    assert "pabee" not in ops
-
-
-def test_aggregate_seeds_means_over_seeds():
-    pts = [_pt("consistentee-hardness", 0.4, 0.70, knob={"alpha": 0.1}, seed=0),
-           _pt("consistentee-hardness", 0.6, 0.60, knob={"alpha": 0.1}, seed=1),
-           _pt("static", 0.5, 0.5, knob={"k": 3})]
-    agg = {p["method"]: p for p in aggregate_seeds(pts)}
-    assert agg["consistentee-hardness"]["metric"] == pytest.approx(0.65)
-    assert agg["consistentee-hardness"]["saved"] == pytest.approx(0.5)
-    assert agg["consistentee-hardness"]["seeds"] == [0, 1]
-    assert agg["static"]["metric"] == 0.5
-
-
-def test_subset_cache_is_fixed_and_consistent():
-    c = make_synthetic_cache(n=50, num_layers=3, hidden=8)
-    s1, s2 = subset_cache(c, 20), subset_cache(c, 20)
-    assert s1.num_instances == 20 and np.array_equal(s1.labels, s2.labels)
-    assert subset_cache(c, 100) is c and subset_cache(c, None) is c
-
-
-# --------------------------------------------------------------------------- end to end
-def test_run_benchmark_end_to_end(tmp_runs, tmp_path):
-    def caches(seed):
-        kw = dict(num_layers=4, hidden=10, seed=seed)
-        return {"train": make_synthetic_cache(n=96, split="train", **kw),
-                "dev": make_synthetic_cache(n=64, split="dev", **kw),
-                "test": make_synthetic_cache(n=64, split="test", **kw)}
-
-    cfg = BenchmarkConfig(alphas=(0.05, 0.2), seeds=(0,), epochs=1, rl_train_limit=64, grid=5,
-                          policy_thresholds=(0.3, 0.7), lte=LTEConfig(epochs=2), out=str(tmp_path / "bench"), quiet=True)
-    res = run_benchmark({"SynA": caches(0), "SynB": caches(1)}, cfg)
-    out = tmp_path / "bench"
-    for f in ("table.md", "results.json", "SynA_curves.png", "SynB_curves.png", "fig4_reward_ablation.png"):
-        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    assert (out / "SynA_curves.png").read_bytes()[:4] == b"\x89PNG"
-    data = json.loads((out / "results.json").read_text())
-    methods = {p["method"] for p in data["points"]}
-    assert methods >= {"full", "oracle", "static", "deebert", "maxprob", "pabee", "berxit",
-                       "consistentee-vanilla", "consistentee-hardness", "consistentee-hardness-thr"}
-    for p in data["points"]:
-        assert {"method", "knob", "split", "metric", "saved", "avg_exit"} <= set(p)
-        assert p["split"] in ("dev", "test")
-    ce = [p for p in data["points"] if p["method"] == "consistentee-hardness" and p["task"] == "SynA"]
-    assert sorted((p["knob"]["alpha"], p["split"]) for p in ce) == [(0.05, "dev"), (0.05, "test"), (0.2, "dev"), (0.2, "test")]
-    # The full-depth point is the static-L point, and the evaluator agrees with the JSON.
-    full = next(p for p in data["points"] if p["method"] == "full" and p["task"] == "SynB" and p["split"] == "test")
-    assert full["metric"] == pytest.approx(evaluate(StaticExit(4), caches(1)["test"]).metric)
-    # Tables in the paper's layout, dev and test, with both operating points of every method.
-    md = (out / "table.md").read_text()
-    assert "## dev" in md and "## test" in md and "optimistic" in md
-    dev_table = res["tables"]["dev"]
-    assert dev_table.splitlines()[0].startswith("| method (dev) | SynA accuracy | SynB accuracy | avg score | avg saved |")
-    for label in ("DeeBERT (entropy), no loss", "PABEE (patience), <=1 pt loss", "BERxiT (learned LTE), no loss",
-                  "ConsistentEE, hardness reward (Eq 4), <=1 pt loss", "Oracle", "Backbone, full depth (4 layers)"):
-        assert label in dev_table
-    # Static exit and the heuristics always have a no-loss point (their sweep includes the full model).
-    for t in ("SynA", "SynB"):
-        for m in ("static", "deebert", "maxprob", "pabee", "berxit"):
-            op = res["operating_points"][t][m]["no_loss"]
-            assert op is not None
-            assert op["dev"]["metric"] >= res["operating_points"][t]["reference_dev"] - 1e-9
-            assert op["test"]["knob"] == op["knob"]
-    # The oracle is the ceiling of every point.
-    for t in ("SynA", "SynB"):
-        orc = res["operating_points"][t]["oracle"]["dev"]
-        assert all(p["metric"] <= orc["metric"] + 1e-12 for p in res["points_mean"] if p["task"] == t and p["split"] == "dev")
-    # The policies were written under the tmp runs dir, not the real one.
-    assert any((tmp_runs / "reinforce").iterdir())
-
-
-def test_cli_on_the_synthetic_task(tmp_runs, tmp_path, capsys):
-    res = main(["--tasks", "Synthetic", "--alphas", "0.1", "--rewards", "hardness", "--epochs", "1",
-                "--rl-train-limit", "64", "--grid", "5", "--policy-thresholds", "", "--lte-epochs", "1",
-                "--out", str(tmp_path / "cli"), "--no-plots"])
-    out = capsys.readouterr().out
-    assert "| method (dev) | Synthetic accuracy |" in out and "timing (s):" in out and "caches_s" in out
-    assert (tmp_path / "cli" / "results.json").is_file() and not (tmp_path / "cli" / "Synthetic_curves.png").exists()
-    assert not any(p["method"].endswith("-thr") for p in res["points"])
-    with pytest.raises(SystemExit):
-        main(["--tasks", "Synthetic", "--test-file", "RTE=x.tsv", "--out", str(tmp_path / "x")])

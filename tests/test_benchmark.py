@@ -1,0 +1,149 @@
+"""The benchmark: knobs chosen on calib only, cross-fitted learned methods, tables and the CLI (synthetic caches)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agents.benchmark import (
+    BenchmarkConfig,
+    choose,
+    crossfit_scores,
+    exits_at,
+    main,
+    operating_points,
+    run_benchmark,
+    take,
+)
+from agents.evaluate import evaluate
+from agents.policies import StaticExit
+from agents.policies.heuristics import LTEConfig
+from cee_env import make_synthetic_cache
+from cee_env.cache import LayerCache
+
+
+def _pt(method, saved, metric, split="calib", knob=None, task="T"):
+    return {"task": task, "method": method, "knob": knob if knob is not None else {"v": saved}, "split": split,
+            "metric": metric, "saved": saved, "accuracy": metric, "avg_exit": 6 * (1 - saved),
+            "metric_name": "accuracy", "num_layers": 6, "n": 10, "exit_hist": []}
+
+
+def test_choose_by_hand():
+    pts = [_pt("m", 0.10, 0.700), _pt("m", 0.30, 0.700), _pt("m", 0.50, 0.695), _pt("m", 0.60, 0.689),
+           _pt("m", 0.80, 0.600), _pt("m", 0.30, 0.710)]
+    assert choose(pts, 0.70, 0.0)["metric"] == 0.710  # tie on saved -> higher metric
+    assert choose(pts, 0.70, 0.01)["saved"] == 0.50  # 0.689 is 1.1 points off
+    assert choose(pts, 0.70, 0.2)["saved"] == 0.80
+    assert choose(pts, 0.9, 0.01) is None
+    assert choose([_pt("m", 0.2, 0.69)], 0.70, 0.01)["saved"] == 0.2  # exactly 1 point: allowed
+
+
+def test_operating_points_read_calib_only_and_report_every_split():
+    pts = [_pt("full", 0.0, 0.70, knob={}), _pt("full", 0.0, 0.60, "dev", knob={}),
+           _pt("oracle", 0.5, 0.9, knob={}), _pt("oracle", 0.5, 0.8, "dev", knob={}),
+           _pt("maxprob", 0.4, 0.70, knob={"threshold": 0.9}), _pt("maxprob", 0.4, 0.50, "dev", knob={"threshold": 0.9}),
+           _pt("maxprob", 0.6, 0.65, knob={"threshold": 0.5}), _pt("maxprob", 0.9, 0.62, "dev", knob={"threshold": 0.5})]
+    ops = operating_points(pts, "T", 0.01)
+    assert ops["reference_calib"] == 0.70 and ops["splits"] == ["calib", "dev"]
+    assert ops["maxprob"]["no_loss"]["knob"] == {"threshold": 0.9}
+    assert ops["maxprob"]["no_loss"]["dev"]["metric"] == 0.50  # the dev score of the calib choice, however bad
+    assert ops["maxprob"]["max1"]["knob"] == {"threshold": 0.9}  # 0.65 is 5 points off on calib
+
+
+def test_exits_at_first_score_above_threshold():
+    s = np.array([[0.1, 0.9, 0.2], [0.1, 0.1, 0.1], [0.8, 0.1, 0.9]])
+    np.testing.assert_array_equal(exits_at(s, 0.5), [1, 2, 0])
+    np.testing.assert_array_equal(exits_at(s, np.inf), [2, 2, 2])
+
+
+def test_crossfit_scores_are_out_of_fold_on_calib_and_averaged_elsewhere():
+    calib = make_synthetic_cache(n=40, num_layers=3, hidden=8, split="calib")
+    dev = make_synthetic_cache(n=10, num_layers=3, hidden=8, split="dev")
+    folds = [np.arange(0, 40, 2), np.arange(1, 40, 2)]
+    seen = []
+
+    def fit(train: LayerCache, held: LayerCache, j: int):
+        seen.append((j, train.num_instances, held.num_instances))
+        return lambda c: np.full((c.num_instances, c.num_layers), float(j))
+
+    s = crossfit_scores(fit, {"calib": calib, "dev": dev}, folds)
+    assert seen == [(0, 20, 20), (1, 20, 20)]
+    np.testing.assert_array_equal(s["calib"][folds[0]], 0.0)  # scored by the model that did not train on them
+    np.testing.assert_array_equal(s["calib"][folds[1]], 1.0)
+    np.testing.assert_array_equal(s["dev"], 0.5)  # the deployed rule averages the fold models
+    np.testing.assert_array_equal(take(calib, folds[1]).labels, calib.labels[folds[1]])
+
+
+def _caches(seed, test=True):
+    kw = dict(num_layers=4, hidden=10, seed=seed)
+    out = {"calib": make_synthetic_cache(n=96, split="calib", **kw),
+           "dev": make_synthetic_cache(n=64, split="dev", **kw)}
+    if test:
+        out["test"] = make_synthetic_cache(n=64, split="test", **kw)
+    return out
+
+
+def _cfg(tmp_path, name, **kw):
+    return BenchmarkConfig(learners=("reinforce:state:hardness", "reinforce:confidence:consistency",
+                                     "fqi:confidence:consistency"), alphas=(0.05, 0.2), epochs=1, grid=7,
+                           lte=LTEConfig(epochs=2), out=str(tmp_path / name), quiet=True, **kw)
+
+
+def test_run_benchmark_end_to_end(tmp_runs, tmp_path):
+    res = run_benchmark({"SynA": _caches(0), "SynB": _caches(1, test=False)}, _cfg(tmp_path, "bench"))
+    out = tmp_path / "bench"
+    for f in ("table.md", "results.json", "SynA_curves.png", "SynB_curves.png", "fig4_reward_ablation.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    data = json.loads((out / "results.json").read_text())
+    methods = {p["method"] for p in data["points"]}
+    assert methods >= {"full", "oracle", "static", "deebert", "maxprob", "pabee", "berxit",
+                       "reinforce:state:hardness", "reinforce:state:hardness+paper", "fqi:confidence:consistency"}
+    assert {p["split"] for p in data["points"] if p["task"] == "SynA"} == {"calib", "dev", "test"}
+    assert {p["split"] for p in data["points"] if p["task"] == "SynB"} == {"calib", "dev"}
+    paper = [p for p in data["points"] if p["method"] == "reinforce:state:hardness+paper" and p["split"] == "dev"]
+    assert sorted(p["knob"]["alpha"] for p in paper if p["task"] == "SynA") == [0.05, 0.2]
+    full = next(p for p in data["points"] if p["method"] == "full" and p["task"] == "SynA" and p["split"] == "test")
+    assert full["metric"] == pytest.approx(evaluate(StaticExit(4), _caches(0)["test"]).metric)
+    for t in ("SynA", "SynB"):
+        ops = res["operating_points"][t]
+        for m in ("static", "deebert", "maxprob", "pabee", "berxit"):  # their grids include never exiting early
+            assert ops[m]["no_loss"]["calib"]["metric"] >= ops["reference_calib"] - 1e-9
+        h = res["headline"][t]
+        assert h["heuristic"]["method"] in ("static", "deebert", "maxprob", "pabee")
+        assert h["learned"]["method"] in data["learned_methods"] and h["learned"]["method"] != "berxit"
+    md = (out / "table.md").read_text()
+    assert "## Headline" in md and "| SynA | test |" in md and "| SynA | dev |" in md and "never read while choosing" in md
+
+
+def test_scrambled_test_labels_change_no_choice(tmp_runs, tmp_path):
+    """Every knob is chosen on calib: permuting the labels of the test splits changes the test scores, not the choices."""
+    caches = _caches(2)
+    scrambled = dict(caches)
+    rng = np.random.default_rng(0)
+    for s in ("dev", "test"):
+        c = caches[s]
+        scrambled[s] = LayerCache(states=c.states, log_probs=c.log_probs, labels=rng.permutation(np.asarray(c.labels)),
+                                  task=c.task, split=c.split, label_names=c.label_names, metric=c.metric)
+    a = run_benchmark({"SynA": caches}, _cfg(tmp_path, "a", plots=False))["operating_points"]["SynA"]
+    b = run_benchmark({"SynA": scrambled}, _cfg(tmp_path, "b", plots=False))["operating_points"]["SynA"]
+    methods = [m for m in a if isinstance(a[m], dict) and "max1" in a[m]]
+    assert len(methods) >= 10
+    for m in methods:
+        for op in ("no_loss", "max1"):
+            assert (a[m][op] or {}).get("knob") == (b[m][op] or {}).get("knob"), (m, op)
+    assert any(a[m]["max1"]["dev"]["metric"] != b[m]["max1"]["dev"]["metric"] for m in methods if a[m]["max1"])
+
+
+def test_cli_on_the_synthetic_task(tmp_runs, tmp_path, capsys):
+    res = main(["--tasks", "Synthetic", "--alphas", "0.1", "--learners", "reinforce:confidence:consistency",
+                "--epochs", "1", "--grid", "5", "--out", str(tmp_path / "cli"), "--no-plots"])
+    out = capsys.readouterr().out
+    assert "## Headline" in out and "timing (s):" in out and "caches_s" in out
+    assert (tmp_path / "cli" / "results.json").is_file() and not (tmp_path / "cli" / "Synthetic_curves.png").exists()
+    for argv, msg in ((["--test-file", "RTE=x.tsv"], "not in --tasks"), (["--learners", "ppo:state:x"], "ALGO:OBS:REWARD"),
+                      (["--calib-folds", "1"], "--calib-folds"), (["--alphas", "nan"], "--alphas")):
+        with pytest.raises(SystemExit) as e:
+            main(["--tasks", "Synthetic", "--out", str(tmp_path / "x"), *argv])
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
