@@ -52,7 +52,7 @@ from cee_env.cache import LayerCache
 DEFAULT_TASKS = ("RTE", "MRPC", "SST2", "MCID", "StackOverflow")
 DEFAULT_LEARNERS = ("reinforce:state:hardness", "reinforce:state:vanilla", "reinforce:confidence:hardness",
                     "reinforce:confidence:consistency", "fqi:confidence:consistency")
-ALGOS = ("reinforce", "fqi")
+ALGOS = ("reinforce", "fqi", "ppo", "a2c", "dqn")
 HEURISTICS = {"static": "Static exit at layer k", "deebert": "DeeBERT (entropy)",
               "maxprob": "Right-Tool (max prob)", "pabee": "PABEE (patience)"}
 REWARD_LABEL = {"hardness": "Eq 4", "vanilla": "Eq 3", "hardness_weighted": "Eq 4 alt.",
@@ -75,6 +75,8 @@ class BenchmarkConfig:
     """the '<= 1 pt' operating point allows this drop below full depth on calib (0.01 = 1 point)"""
     epochs: int = 20
     """REINFORCE epochs per policy"""
+    sb3_steps: int = 100_000
+    """env steps per SB3 policy (learners ppo / a2c / dqn)"""
     seed: int = 0
     """seed of the calib folds and of every policy"""
     grid: int = 61
@@ -206,7 +208,7 @@ def parse_learner(spec: str) -> tuple[str, str, str]:
 
 def learner_label(spec: str, paper_rule: bool) -> str:
     algo, obs, reward = parse_learner(spec)
-    name = "ConsistentEE (REINFORCE)" if algo == "reinforce" else "FQI"
+    name = {"reinforce": "ConsistentEE (REINFORCE)", "fqi": "FQI"}.get(algo, algo.upper() + " (SB3)")
     rule = "pi > 0.5, alpha chosen" if paper_rule else "alpha and threshold chosen"
     return f"{name}, {obs} obs, {REWARD_LABEL[reward]} reward, {rule}"
 
@@ -222,11 +224,17 @@ def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig):
 
             args = Args(env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), epochs=cfg.epochs,
                         seed=cfg.seed + j, eval_every=10 ** 9, quiet=True, run_name=name, torch_threads=cfg.threads)
-        else:
+        elif algo == "fqi":
             from agents.fqi import Args, train as fit_policy
 
             args = Args(env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), seed=cfg.seed + j,
                         quiet=True, run_name=name, torch_threads=cfg.threads)
+        else:
+            from agents.sb3 import Args, train as fit_policy
+
+            args = Args(algo=algo, env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), seed=cfg.seed + j,
+                        total_timesteps=cfg.sb3_steps, eval_every=0, quiet=True, run_name=name,
+                        torch_threads=cfg.threads)
         policy = fit_policy(args, caches)["policy"]
         return lambda c: policy.exit_probs(c.states if policy.needs_states else None, c.log_probs)
 

@@ -50,11 +50,12 @@ from agents.reinforce import log_eval, make_caches, print_summary
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
 from cee_env.env import EXIT, EarlyExitEnv
+from cee_env.observations import obs_size, observe, uses_states
 
 ALGOS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
 DEFAULT_TIMESTEPS = {"ppo": 300_000, "a2c": 300_000, "dqn": 150_000}
 NORMALIZE = ("cache", "running", "none")
-OBS = "state_layer"
+OBS = "state_layer"  # the default observation mode of the SB3 agents
 
 
 @dataclass
@@ -67,6 +68,8 @@ class Args:
     """hardness (Eq 4), vanilla (Eq 3) or hardness_weighted (the alternative reading of Eq 4)"""
     alpha: float = 0.05
     """depth penalty per layer (t is the 1-based exit layer)"""
+    obs: str = OBS
+    """the env's observation mode: state_layer (s_l and a one-hot of l), state, state_probs, confidence or state_confidence"""
     total_timesteps: int | None = None
     """env steps (one step = one layer decision of one instance) to train for (default per algo: ppo and a2c
     300k, dqn 150k - about 1-2 minutes each on an RTE-size cache on 2 CPU cores)"""
@@ -119,32 +122,28 @@ class SB3Exit(ExitPolicy):
 
     def __init__(self, model: BaseAlgorithm, num_layers: int, obs_bound: float = 50.0,
                  obs_mean: np.ndarray | None = None, obs_var: np.ndarray | None = None,
-                 clip_obs: float = 10.0, epsilon: float = 1e-8, name: str | None = None) -> None:
+                 clip_obs: float = 10.0, epsilon: float = 1e-8, name: str | None = None, obs: str = OBS) -> None:
         self.model, self.num_layers, self.obs_bound = model, int(num_layers), float(obs_bound)
         self.obs_mean = None if obs_mean is None else np.asarray(obs_mean, dtype=np.float64)
         self.obs_var = None if obs_var is None else np.asarray(obs_var, dtype=np.float64)
         self.clip_obs, self.epsilon = float(clip_obs), float(epsilon)
         self.name = name or f"sb3-{type(model).__name__.lower()}"
+        self.obs = obs
+        self.needs_states = uses_states(obs)
 
     @classmethod
     def from_vec_env(cls, model: BaseAlgorithm, vec_env, num_layers: int, obs_bound: float,
-                     name: str | None = None) -> "SB3Exit":
+                     name: str | None = None, obs: str = OBS) -> "SB3Exit":
         """Take the normalisation (if any) from the VecNormalize the model was trained in (a snapshot)."""
         if isinstance(vec_env, VecNormalize) and vec_env.norm_obs:
             rms = vec_env.obs_rms
             return cls(model, num_layers, obs_bound, rms.mean.copy(), rms.var.copy(), vec_env.clip_obs,
-                       vec_env.epsilon, name)
-        return cls(model, num_layers, obs_bound, name=name)
+                       vec_env.epsilon, name, obs)
+        return cls(model, num_layers, obs_bound, name=name, obs=obs)
 
-    def env_observation(self, l: int, state_l: np.ndarray) -> np.ndarray:
-        """The env's raw observation for 0-based layer ``l`` from states [B, H] -> float32 [B, H + L]."""
-        state_l = np.asarray(state_l)
-        B, H = state_l.shape
-        obs = np.zeros((B, H + self.num_layers), dtype=np.float32)
-        bound = np.float32(self.obs_bound)
-        np.clip(state_l, -bound, bound, out=obs[:, :H])
-        obs[:, H + l] = 1.0
-        return obs
+    def env_observations(self, states: np.ndarray | None, log_probs: np.ndarray) -> np.ndarray:
+        """The env's raw observations at layers 1..l from the prefix states [B, l, H] / log-probs [B, l, C]."""
+        return observe(states, log_probs, self.obs, self.num_layers, self.obs_bound)
 
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         """VecNormalize's observation transform (identity without statistics)."""
@@ -154,9 +153,24 @@ class SB3Exit(ExitPolicy):
         return out.astype(np.float32)
 
     def exit_at_layer(self, l, states, log_probs):
-        obs = self.normalize(self.env_observation(l, np.asarray(states)[:, l]))
+        obs = self.normalize(self.env_observations(states, log_probs)[:, l])
         actions, _ = self.model.predict(obs, deterministic=True)
         return np.asarray(actions).reshape(-1) == EXIT
+
+    @torch.no_grad()
+    def exit_probs(self, states: np.ndarray | None, log_probs: np.ndarray) -> np.ndarray:
+        """A score in [0, 1] per instance and layer [N, L] whose 0.5 crossing is the greedy action:
+        pi(Exit | o_l) for PPO / A2C, sigmoid(Q(o_l, Exit) - Q(o_l, Continue)) for DQN."""
+        o = self.normalize(self.env_observations(states, log_probs))
+        n, L, d = o.shape
+        x = torch.as_tensor(o.reshape(n * L, d), device=self.model.device)
+        pol = self.model.policy
+        if hasattr(pol, "q_net"):
+            q = pol.q_net(x)
+            p = torch.sigmoid(q[:, EXIT] - q[:, 1 - EXIT])
+        else:
+            p = pol.get_distribution(x).distribution.probs[:, EXIT]
+        return p.float().cpu().numpy().reshape(n, L)
 
     # ------------------------------------------------------------------ save / load
     def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
@@ -169,7 +183,7 @@ class SB3Exit(ExitPolicy):
             np.savez(tmp, mean=self.obs_mean, var=self.obs_var, clip_obs=self.clip_obs, epsilon=self.epsilon)
             tmp.replace(out / "obs_norm.npz")
         cfg = {"algo": type(self.model).__name__.lower(), "num_layers": self.num_layers,
-               "obs_bound": self.obs_bound, "obs": OBS, "name": self.name, **(extra or {})}
+               "obs_bound": self.obs_bound, "obs": self.obs, "name": self.name, **(extra or {})}
         write_json(out / "sb3_policy.json", cfg)
 
     @classmethod
@@ -181,7 +195,7 @@ class SB3Exit(ExitPolicy):
         if (d / "obs_norm.npz").is_file():
             z = np.load(d / "obs_norm.npz")
             norm = dict(obs_mean=z["mean"], obs_var=z["var"], clip_obs=float(z["clip_obs"]), epsilon=float(z["epsilon"]))
-        return cls(model, cfg["num_layers"], cfg["obs_bound"], name=cfg.get("name"), **norm)
+        return cls(model, cfg["num_layers"], cfg["obs_bound"], name=cfg.get("name"), obs=cfg.get("obs", OBS), **norm)
 
 
 # ----------------------------------------------------------------------------- training
@@ -251,28 +265,29 @@ def algo_kwargs(args: Args) -> dict:
     return kw
 
 
-def cache_obs_stats(cache: LayerCache, obs_bound: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and variance of the "state_layer" observation over a cache's (clipped) states;
-    the one-hot part gets mean 0, variance 1 (left as is)."""
-    L, H = cache.num_layers, cache.hidden_size
-    flat = np.clip(np.asarray(cache.states, dtype=np.float64).reshape(-1, H), -obs_bound, obs_bound)
-    std = flat.std(0) + 1e-4
-    mean = np.concatenate([flat.mean(0), np.zeros(L)])
-    var = np.concatenate([std ** 2, np.ones(L)])
+def cache_obs_stats(cache: LayerCache, obs_bound: float, obs: str = OBS) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance of an observation mode over a cache: the (clipped) state part is
+    standardised; the other features (all in [0, 1]) get mean 0, variance 1 (left as they are)."""
+    L, H, C = cache.num_layers, cache.hidden_size, cache.num_classes
+    d = obs_size(obs, H, L, C)
+    mean, var = np.zeros(d), np.ones(d)
+    if uses_states(obs):
+        flat = np.clip(np.asarray(cache.states, dtype=np.float64).reshape(-1, H), -obs_bound, obs_bound)
+        mean[:H], var[:H] = flat.mean(0), (flat.std(0) + 1e-4) ** 2
     return mean, var
 
 
 def make_train_env(args: Args, cache: LayerCache):
     """DummyVecEnv of ``n_envs`` EarlyExitEnv copies over ``cache`` (each with a Monitor), wrapped in
     VecNormalize unless ``normalize == "none"``."""
-    kwargs = dict(cache=cache, split="train", reward=args.reward, alpha=args.alpha, obs=OBS, obs_bound=args.obs_bound)
+    kwargs = dict(cache=cache, split="train", reward=args.reward, alpha=args.alpha, obs=args.obs, obs_bound=args.obs_bound)
     venv = make_vec_env(EarlyExitEnv, n_envs=args.n_envs, seed=args.seed, env_kwargs=kwargs)
     if args.normalize == "none":
         return venv
     if args.normalize == "running":
         return VecNormalize(venv, norm_obs=True, norm_reward=False, gamma=args.gamma)
     vn = VecNormalize(venv, training=False, norm_obs=True, norm_reward=False, gamma=args.gamma)
-    vn.obs_rms.mean, vn.obs_rms.var = cache_obs_stats(cache, args.obs_bound)
+    vn.obs_rms.mean, vn.obs_rms.var = cache_obs_stats(cache, args.obs_bound, args.obs)
     return vn
 
 
@@ -309,7 +324,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
 
         writer = SummaryWriter(str(tb_dir))
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        make_policy = lambda: SB3Exit.from_vec_env(model, venv, L, args.obs_bound, f"sb3-{args.algo}")  # noqa: E731
+        make_policy = lambda: SB3Exit.from_vec_env(model, venv, L, args.obs_bound, f"sb3-{args.algo}", args.obs)  # noqa: E731
         cb = ExitLogger(writer, make_policy, dev_cache, log_every=max(args.n_envs, args.total_timesteps // 200),
                         eval_every=args.eval_every)
         t0 = time.time()
