@@ -28,7 +28,6 @@ charts/avg_exit_layer_train and eval/dev_* with the same names as REINFORCE).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path

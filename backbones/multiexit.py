@@ -12,7 +12,6 @@ environment reveals at step l) depends on ``pooling``:
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -17,25 +17,6 @@ from backbones.multiexit import MultiExitEncoder, load_tokenizer
 from cee_env.cache import CacheError, LayerCache, fingerprint, get_cache, load_cache, save_cache
 
 
-@pytest.fixture()
-def ckpt(tiny_checkpoint, tiny_task):
-    return tiny_checkpoint[0]
-
-
-@pytest.fixture()
-def load_counter(monkeypatch):
-    """Counts how often a checkpoint is loaded (i.e. how often get_cache builds a cache)."""
-    calls = []
-    real = MultiExitEncoder.load.__func__
-
-    def counting(cls, d):
-        calls.append(str(d))
-        return real(cls, d)
-
-    monkeypatch.setattr(MultiExitEncoder, "load", classmethod(counting))
-    return calls
-
-
 def cache_folders(runs):
     return sorted(p for p in (runs / "cache" / TINY_TASK).iterdir() if p.is_dir())
 

@@ -28,20 +28,6 @@ from cee_env.cache import CacheError, LayerCache, get_cache, load_cache, save_ca
 
 
 # --------------------------------------------------------------------------- helpers
-@pytest.fixture()
-def ckpt(tiny_checkpoint, tiny_task):
-    return tiny_checkpoint[0]
-
-
-@pytest.fixture()
-def builds(monkeypatch):
-    """Checkpoint loads made while the test runs (one per cache build)."""
-    calls = []
-    real = MultiExitEncoder.load.__func__
-    monkeypatch.setattr(MultiExitEncoder, "load", classmethod(lambda cls, d: calls.append(str(d)) or real(cls, d)))
-    return calls
-
-
 def copy_ckpt(ckpt: Path, dst: Path) -> Path:
     shutil.copytree(ckpt, dst)
     return dst
@@ -122,7 +108,7 @@ def test_flipped_bytes_in_checkpoint_weights_are_refused(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["nan", "flipped_bytes", "nan_with_checksum_updated"])
-def test_damaged_cache_states_are_detected_and_rebuilt(fault, ckpt, tmp_runs, builds, capsys):
+def test_damaged_cache_states_are_detected_and_rebuilt(fault, ckpt, tmp_runs, load_counter, capsys):
     good = get_cache(TINY_TASK, "dev", checkpoint=ckpt, verbose=False)
     want = np.array(good.states)
     del good
@@ -142,7 +128,7 @@ def test_damaged_cache_states_are_detected_and_rebuilt(fault, ckpt, tmp_runs, bu
     with pytest.raises(CacheError, match="states"):
         load_cache(folder)
     again = get_cache(TINY_TASK, "dev", checkpoint=ckpt, verbose=False)
-    assert len(builds) == 2 and "unusable" in capsys.readouterr().out
+    assert len(load_counter) == 2 and "unusable" in capsys.readouterr().out
     np.testing.assert_array_equal(again.states, want)
 
 
@@ -325,7 +311,7 @@ def test_a_second_trainer_waits_for_the_first(ckpt, tiny_task, tiny_encoder_dir,
     assert "already trained" in captured.out
 
 
-def test_two_writers_of_one_cache_build_it_once(ckpt, tmp_runs, builds):
+def test_two_writers_of_one_cache_build_it_once(ckpt, tmp_runs, load_counter):
     results, errors = [], []
 
     def writer():
@@ -339,7 +325,7 @@ def test_two_writers_of_one_cache_build_it_once(ckpt, tmp_runs, builds):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 2 and len(builds) == 1
+    assert not errors and len(results) == 2 and len(load_counter) == 1
     np.testing.assert_array_equal(results[0], results[1])
     folder = tmp_runs / "cache" / TINY_TASK
     assert not [p for p in folder.rglob("*") if ".tmp" in p.name], "temporary files left behind"
@@ -431,7 +417,7 @@ def test_an_honest_old_sb3_run_loads_when_trusted(syn, tmp_path):
 
 
 # --------------------------------------------------------------------------- a copied or moved runs/
-def test_a_moved_runs_dir_keeps_working(ckpt, tiny_task, tmp_runs, tmp_path, monkeypatch, builds):
+def test_a_moved_runs_dir_keeps_working(ckpt, tiny_task, tmp_runs, tmp_path, monkeypatch, load_counter):
     from agents.reinforce import Args, train
 
     local = copy_ckpt(ckpt, tmp_runs / "stage1" / "tiny")
@@ -443,7 +429,7 @@ def test_a_moved_runs_dir_keeps_working(ckpt, tiny_task, tmp_runs, tmp_path, mon
     assert cache_meta == ["stage1/tiny", "stage1/tiny"]
     texts = ["a good film", "the plot was bad", "good good"]
     want = EarlyExitClassifier.from_run(run).predict(texts)
-    n_builds = len(builds)
+    n_builds = len(load_counter)
 
     moved = tmp_path / "elsewhere" / "runs"
     shutil.move(str(tmp_runs), moved)
@@ -454,7 +440,7 @@ def test_a_moved_runs_dir_keeps_working(ckpt, tiny_task, tmp_runs, tmp_path, mon
     np.testing.assert_array_equal(got.label_ids, want.label_ids)
     np.testing.assert_array_equal(got.exit_layers, want.exit_layers)
     dev = get_cache(TINY_TASK, "dev", checkpoint=moved / "stage1" / "tiny", verbose=False)
-    assert len(builds) == n_builds + 1, "the moved cache was rebuilt"  # +1: from_run loaded the checkpoint
+    assert len(load_counter) == n_builds + 1, "the moved cache was rebuilt"  # +1: from_run loaded the checkpoint
     assert dev.meta["checkpoint"] == str(moved / "stage1" / "tiny")
 
 
