@@ -505,8 +505,9 @@ def ensure_checkpoint(task: str, **overrides) -> Path:
     if is_complete(ckpt):
         check_same_training(ckpt, r, None)
         return ckpt
-    print(f"No stage-1 checkpoint at {ckpt}: training it now (Eq 1, {r.epochs} epochs). "
-          "This runs once; later runs reuse it.")
+    if not (ckpt / WEIGHTS_NAME).is_file():  # (with weights but no metrics.json, train() says what it does)
+        print(f"No stage-1 checkpoint at {ckpt}: training it now (Eq 1, {r.epochs} epochs). "
+              "This runs once; later runs reuse it.")
     train(c)
     return ckpt
 
