@@ -29,7 +29,7 @@ forgetting events counted over the stage-1 epochs).
 """
 from __future__ import annotations
 
-import json
+import math
 import shlex
 import subprocess
 import time
@@ -40,10 +40,10 @@ import numpy as np
 
 import cee_env  # noqa: F401
 from agents import reinforce
-from agents.runtime import write_json
 from agents.evaluate import EvalResult
 from agents.policies import StaticExit
 from backbones.cli import UserError, parse, user_errors
+from backbones.files import claim, read_json, resolve_stored, save_npy, stored_path, write_json
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache, get_cache
 from cee_env.hardness import forgetting_events, memorized_layer, table1_correlation
@@ -83,6 +83,21 @@ class Args:
     """run folder name under runs/cotrain; None: <Task>-a<alpha>-s<seed>"""
 
 
+def check_args(a: Args) -> None:
+    """Raise a :class:`UserError` naming the first flag out of range."""
+    finite = lambda x: math.isfinite(x)  # noqa: E731
+    checks = [(a.rounds >= 0, "--rounds must be >= 0", a.rounds),
+              (finite(a.tol) and a.tol >= 0, "--tol must be a finite number >= 0", a.tol),
+              (finite(a.alpha) and a.alpha >= 0, "--alpha must be a finite number >= 0", a.alpha),
+              (a.policy_epochs >= 1, "--policy-epochs must be >= 1", a.policy_epochs),
+              (a.backbone_epochs >= 1, "--backbone-epochs must be >= 1", a.backbone_epochs),
+              (finite(a.backbone_lr) and a.backbone_lr > 0, "--backbone-lr must be a finite number > 0", a.backbone_lr),
+              (finite(a.head_lr) and a.head_lr > 0, "--head-lr must be a finite number > 0", a.head_lr)]
+    for ok, msg, got in checks:
+        if not ok:
+            raise UserError(f"{msg}; got {got}")
+
+
 def task_of(env_id: str) -> str:
     import gymnasium as gym
 
@@ -118,7 +133,7 @@ def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Pat
     if args.joint:
         tr = get_cache(task=task, split="train", checkpoint=init, data_dir=args.data_dir)
         mem_file = out.parent / "memorized_train.npy"
-        np.save(mem_file, memorized_layer(tr.preds, tr.labels))
+        save_npy(mem_file, memorized_layer(tr.preds, tr.labels))
         extra = dict(memorized=str(mem_file), reward=args.reward, alpha=args.alpha)
     cfg = StageConfig(task=task, init_from=str(init), objective="joint" if args.joint else "exit",
                       exit_policy=str(policy_dir), epochs=args.backbone_epochs, lr=args.backbone_lr,
@@ -135,26 +150,42 @@ def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Pat
 
 
 def run(args: Args) -> dict:
+    check_args(args)
     task = task_of(args.env)
     from backbones.train import ensure_checkpoint
 
     stage1 = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(task, data_dir=args.data_dir, seed=args.seed)
     root = runs_dir() / "cotrain" / (args.name or f"{task}-a{args.alpha:g}-s{args.seed}")
-    root.mkdir(parents=True, exist_ok=True)
+    with claim(root, f"the co-training run {root}"):
+        return _run(args, task, stage1, root)
+
+
+# Args that do not change what a round computes (a resumed run may differ in them).
+NOT_TRAINING = ("rounds", "tol", "launcher", "data_dir", "name")
+
+
+def _run(args: Args, task: str, stage1: Path, root: Path) -> dict:
     state_file = root / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {"rounds": []}
+    fix = f"delete {root} (or pass --name NEW) to start over"
+    state = read_json(state_file, fix) if state_file.is_file() else {"rounds": []}
     if state["rounds"]:
+        saved = read_json(root / "args.json", fix) if (root / "args.json").is_file() else {}
+        diff = [f"{k} {saved[k]!r} -> {v!r}" for k, v in asdict(args).items()
+                if k not in NOT_TRAINING and k in saved and saved[k] != v]
+        if diff:
+            raise UserError(f"{root} holds a co-training run with other settings: {'; '.join(diff)}; rerun with its "
+                            f"settings to resume it, or {fix}")
         print(f"resuming {root} after round {len(state['rounds']) - 1}")
-    (root / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    write_json(root / "args.json", asdict(args))
     t0 = time.time()
     ckpt, prev_policy = stage1, None
     for r in range(args.rounds + 1):
         rdir = root / f"round-{r}"
         if r < len(state["rounds"]):  # finished earlier
             rec = state["rounds"][r]
-            ckpt, prev_policy = Path(rec["checkpoint"]), Path(rec["policy"])
+            ckpt, prev_policy = resolve_stored(rec["checkpoint"]), resolve_stored(rec["policy"])
             if rec.get("next_checkpoint"):
-                ckpt = Path(rec["next_checkpoint"])
+                ckpt = resolve_stored(rec["next_checkpoint"])
                 prev_policy = ckpt / "policy" if args.joint else prev_policy
                 continue
             if rec.get("stop"):
@@ -169,7 +200,7 @@ def run(args: Args) -> dict:
                 init_policy=str(prev_policy) if prev_policy else None, quiet=True), caches)
             dev = out["results"]["dev"]
             pol = EvalResult(**dev[out["policy"].name])  # reinforce already scored it on this dev cache
-            rec = {"round": r, "checkpoint": str(ckpt), "policy": str(rdir / "policy"),
+            rec = {"round": r, "checkpoint": stored_path(ckpt), "policy": stored_path(rdir / "policy"),
                    "dev": pol.to_dict(), "dev_full_depth": dev[StaticExit(caches["dev"].num_layers).name],
                    "layer_accuracy": {s: layer_accuracy(c) for s, c in caches.items()}}
             print("  " + pol.line() + "   full depth " + f"{100 * rec['dev_full_depth']['metric']:.1f}")
@@ -191,7 +222,7 @@ def run(args: Args) -> dict:
                                    else "backbone Eq 6 with the policy frozen") + f" -> round {r + 1}")
         nxt = backbone_stage(args, task, ckpt, rdir / "policy", rdir / "backbone")
         prev_policy = nxt / "policy" if args.joint else prev_policy
-        state["rounds"][r]["next_checkpoint"] = str(nxt)
+        state["rounds"][r]["next_checkpoint"] = stored_path(nxt)
         write_json(state_file, state)
         ckpt = nxt
     summary = analyse(root, state, stage1, task, args)

@@ -35,7 +35,7 @@ import numpy as np
 
 from agents.policies import ExitPolicy, StaticExit
 from backbones.cli import Repeatable, UserError, parse, user_errors
-from backbones.files import write_text
+from backbones.files import read_text_utf8, write_text
 
 __all__ = ["parse_rule", "read_texts", "main"]
 
@@ -72,19 +72,23 @@ def parse_rule(rule: str) -> ExitPolicy:
 
 # --------------------------------------------------------------------------- input
 def read_texts(path: str | Path) -> tuple[list[str], list[str] | None]:
-    """A plain text file: one instance per line, ``text_a<TAB>text_b`` for pairs; blank lines skipped."""
+    """A plain text file (UTF-8): one instance per line, ``text_a<TAB>text_b`` for pairs; blank lines
+    skipped. A line with more than one tab is an error naming the line (a third field would otherwise
+    end up inside the second text)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"input file not found: {p}")
     a, b = [], []
-    with open(p, encoding="utf-8-sig") as fh:
-        for line in fh:
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            x, _, y = line.partition("\t")
-            a.append(x)
-            b.append(y)
+    for n, line in enumerate(read_text_utf8(p).split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) > 2:
+            raise ValueError(f"{p}, line {n}: {len(fields)} tab-separated fields; expected one text, or two "
+                             "(text_a<TAB>text_b) for a pair")
+        a.append(fields[0])
+        b.append(fields[1] if len(fields) == 2 else "")
     if not a:
         raise ValueError(f"input file {p} holds no texts")
     return a, (b if any(b) else None)
@@ -96,7 +100,11 @@ class PredictArgs:
 
     run: str | None = None
     """model: a policy run directory of agents.reinforce (policy.safetensors + policy.json) or agents.sb3
-    (model.zip + sb3_policy.json); its backbone is the checkpoint named in the run's JSON unless --checkpoint"""
+    (sb3_policy.safetensors + sb3_policy.json); its backbone is the checkpoint named in the run's JSON unless
+    --checkpoint"""
+    trust_pickle: bool = False
+    """allow an older agents.sb3 run that has only a pickled model.zip: loading it runs any code its author
+    put in it, so pass this only for folders you trust"""
     checkpoint: str | None = None
     """model: a stage-1 (multi-exit) checkpoint directory"""
     rule: str | None = None
@@ -178,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.run:
-        clf = EarlyExitClassifier.from_run(a.run, checkpoint=a.checkpoint, threshold=a.threshold)
+        clf = EarlyExitClassifier.from_run(a.run, checkpoint=a.checkpoint, threshold=a.threshold,
+                                           trust_pickle=a.trust_pickle)
     else:
         clf = EarlyExitClassifier.from_checkpoint(a.checkpoint, policy)
     t0 = time.perf_counter()

@@ -28,7 +28,6 @@ charts/avg_exit_layer_train and eval/dev_* with the same names as REINFORCE).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -174,28 +173,111 @@ class SB3Exit(ExitPolicy):
 
     # ------------------------------------------------------------------ save / load
     def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
+        """Write the policy without pickle: ``sb3_policy.safetensors`` (SB3's ``model.policy.state_dict()``
+        under ``policy.``, the normalisation statistics as ``obs_mean``/``obs_var``) and ``sb3_policy.json``
+        (algorithm, network, observation mode and size, their sha256, ``extra``). NaN/inf parameters are
+        refused before anything is written. SB3's own ``model.zip`` is written too, for SB3's tools (e.g.
+        training on); :meth:`load` never reads it unless told the folder is trusted."""
+        from backbones.files import save_tensors, stored_path, write_json, write_with
+
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save(out / "model.zip.tmp")  # SB3 appends nothing when the name has a suffix
-        Path(out / "model.zip.tmp").replace(out / "model.zip")
+        tensors = {f"policy.{k}": v for k, v in self.model.policy.state_dict().items()}
         if self.obs_mean is not None:
-            tmp = out / "obs_norm.tmp.npz"
-            np.savez(tmp, mean=self.obs_mean, var=self.obs_var, clip_obs=self.clip_obs, epsilon=self.epsilon)
-            tmp.replace(out / "obs_norm.npz")
+            tensors.update(obs_mean=torch.from_numpy(self.obs_mean), obs_var=torch.from_numpy(self.obs_var))
+        sha = save_tensors(out / SB3_WEIGHTS, tensors, "the SB3 policy's parameters")
+        write_with(out / "model.zip", lambda tmp: self.model.save(tmp))  # the name has a suffix: SB3 appends none
+        (out / "obs_norm.npz").unlink(missing_ok=True)  # the statistics live in the safetensors file now
         cfg = {"algo": type(self.model).__name__.lower(), "num_layers": self.num_layers,
-               "obs_bound": self.obs_bound, "obs": self.obs, "name": self.name, **(extra or {})}
-        write_json(out / "sb3_policy.json", cfg)
+               "obs_bound": self.obs_bound, "obs": self.obs,
+               "obs_size": int(np.prod(self.model.observation_space.shape)),
+               "n_actions": int(self.model.action_space.n), "policy_kwargs": _kwargs_to_json(self.model.policy_kwargs),
+               "normalize": None if self.obs_mean is None else {"clip_obs": self.clip_obs, "epsilon": self.epsilon},
+               "name": self.name, **(extra or {})}
+        if cfg.get("checkpoint"):
+            cfg["checkpoint"] = stored_path(cfg["checkpoint"])
+        write_json(out / "sb3_policy.json", {**cfg, "sha256": {SB3_WEIGHTS: sha}}, indent=2)
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu") -> "SB3Exit":
+    def load(cls, run_dir: str | Path, device: str = "cpu", trust_pickle: bool = False) -> "SB3Exit":
+        """Rebuild the policy from ``sb3_policy.safetensors`` + ``sb3_policy.json``: the algorithm is
+        constructed on a stand-in env with the saved observation size and the parameters loaded into
+        its policy (nothing unpickled; sha256 and NaN/inf checked). A run with only SB3's ``model.zip``
+        (older runs) is refused unless ``trust_pickle``: unpickling runs code from the folder."""
+        from backbones.files import IntegrityError, load_tensors, read_json
+
         d = Path(run_dir)
-        cfg = json.loads((d / "sb3_policy.json").read_text())
-        model = ALGOS[cfg["algo"]].load(d / "model.zip", device=device)
-        norm = {}
-        if (d / "obs_norm.npz").is_file():
-            z = np.load(d / "obs_norm.npz")
-            norm = dict(obs_mean=z["mean"], obs_var=z["var"], clip_obs=float(z["clip_obs"]), epsilon=float(z["epsilon"]))
+        fix = f"the SB3 policy in {d} cannot be trusted: train it again (python -m agents.sb3) or restore the folder"
+        cfg = read_json(d / "sb3_policy.json", fix)
+        if cfg.get("algo") not in ALGOS:
+            raise IntegrityError(f"{d / 'sb3_policy.json'}: unknown algo {cfg.get('algo')!r}; {fix}")
+        if (d / SB3_WEIGHTS).is_file():
+            tensors = load_tensors(d / SB3_WEIGHTS, cfg.get("sha256", {}).get(SB3_WEIGHTS), fix)
+            model = _rebuild_model(cfg, {k[7:]: v for k, v in tensors.items() if k.startswith("policy.")}, device,
+                                   d / SB3_WEIGHTS, fix)
+            norm = {}
+            if "obs_mean" in tensors:
+                norm = dict(obs_mean=tensors["obs_mean"].numpy(), obs_var=tensors["obs_var"].numpy(),
+                            clip_obs=cfg["normalize"]["clip_obs"], epsilon=cfg["normalize"]["epsilon"])
+        elif (d / "model.zip").is_file():
+            if not trust_pickle:
+                raise ValueError(f"{d} holds an SB3 model.zip only (an older run); loading it unpickles, which runs "
+                                 "any code its author put there. Pass --trust-pickle (trust_pickle=True) only if you "
+                                 "trust who wrote the folder, or train the policy again with python -m agents.sb3")
+            model = ALGOS[cfg["algo"]].load(d / "model.zip", device=device)
+            norm = {}
+            if (d / "obs_norm.npz").is_file():
+                z = np.load(d / "obs_norm.npz")  # allow_pickle=False (numpy's default): arrays only
+                norm = dict(obs_mean=z["mean"], obs_var=z["var"], clip_obs=float(z["clip_obs"]),
+                            epsilon=float(z["epsilon"]))
+        else:
+            raise FileNotFoundError(f"{d} has sb3_policy.json but no {SB3_WEIGHTS}; {fix}")
         return cls(model, cfg["num_layers"], cfg["obs_bound"], name=cfg.get("name"), obs=cfg.get("obs", OBS), **norm)
+
+
+SB3_WEIGHTS = "sb3_policy.safetensors"
+
+
+def _kwargs_to_json(kwargs: dict) -> dict:
+    """The policy_kwargs that shape the network, as JSON (optimizer settings only matter for training)."""
+    out = {}
+    for k, v in kwargs.items():
+        if k.startswith("optimizer"):
+            continue
+        if k == "activation_fn":
+            out[k] = v.__name__  # a torch.nn class
+        elif isinstance(v, (bool, int, float, str, list, dict, type(None))):
+            out[k] = v
+        else:
+            raise ValueError(f"SB3Exit.save stores policy_kwargs as JSON; {k}={v!r} is not supported")
+    return out
+
+
+def _rebuild_model(cfg: dict, state: dict, device: str, file: Path, fix: str) -> BaseAlgorithm:
+    """The algorithm of ``cfg`` constructed on a stand-in env with the saved spaces, ``state`` loaded into its policy."""
+    import gymnasium as gym
+
+    from backbones.files import IntegrityError
+
+    class SpacesEnv(gym.Env):
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (int(cfg["obs_size"]),), np.float32)
+        action_space = gym.spaces.Discrete(int(cfg.get("n_actions", 2)))
+
+        def reset(self, *, seed=None, options=None):
+            return np.zeros(self.observation_space.shape, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(self.observation_space.shape, np.float32), 0.0, True, False, {}
+
+    kwargs = dict(cfg.get("policy_kwargs") or {})
+    if "activation_fn" in kwargs:
+        kwargs["activation_fn"] = getattr(torch.nn, kwargs["activation_fn"])
+    small = {"ppo": dict(n_steps=2, batch_size=2), "a2c": dict(n_steps=1), "dqn": dict(buffer_size=1, learning_starts=0)}
+    model = ALGOS[cfg["algo"]]("MlpPolicy", SpacesEnv(), device=device, policy_kwargs=kwargs, **small[cfg["algo"]])
+    try:
+        model.policy.load_state_dict(state)
+    except RuntimeError as e:
+        raise IntegrityError(f"{file} does not fit the network sb3_policy.json describes ({e}); {fix}") from None
+    return model
 
 
 # ----------------------------------------------------------------------------- training

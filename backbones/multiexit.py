@@ -12,7 +12,6 @@ environment reveals at step l) depends on ``pooling``:
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask
 
-from backbones.files import write_json, write_with
+from backbones.files import load_tensors, read_json, save_tensors, verify_sha256, write_json
 from backbones.paths import DEFAULT_ENCODER, resolve_model
 
 CONFIG_NAME = "multiexit.json"
@@ -91,28 +90,26 @@ class MultiExitEncoder(nn.Module):
         return cls(MultiExitConfig(model="<config>", num_labels=num_labels, **kw), AutoModel.from_config(encoder_config))
 
     def save(self, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        """safetensors weights + JSON configs (+ the tokenizer), written atomically per file."""
-        from safetensors.torch import save_file
-
+        """safetensors weights + JSON configs (+ the tokenizer), written atomically per file. The weights'
+        sha256 goes into multiexit.json (written after them); NaN/inf weights are refused before any write."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        sha = save_tensors(out / WEIGHTS_NAME, self.state_dict(), "the multi-exit model's weights")
         self.encoder.config.save_pretrained(out / "encoder")
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "tokenizer")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        write_with(out / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
-        write_json(out / CONFIG_NAME, asdict(self.config), indent=2)
+        write_json(out / CONFIG_NAME, {**asdict(self.config), "sha256": {WEIGHTS_NAME: sha}}, indent=2)
 
     @classmethod
     def load(cls, ckpt_dir: str | os.PathLike) -> "MultiExitEncoder":
-        from safetensors.torch import load_file
-
+        """Load a checkpoint; its weights must match the sha256 in multiexit.json and be finite
+        (:class:`~backbones.files.IntegrityError` otherwise)."""
         d = Path(ckpt_dir)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{d} is not a multi-exit checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        cfg = MultiExitConfig(**json.loads((d / CONFIG_NAME).read_text()))
-        model = cls(cfg, AutoModel.from_config(AutoConfig.from_pretrained(d / "encoder")))
-        model.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
+        cfg = read_config(d)
+        state = load_tensors(d / WEIGHTS_NAME, cfg.pop("sha256", {}).get(WEIGHTS_NAME), retrain_hint(d))
+        model = cls(MultiExitConfig(**cfg), AutoModel.from_config(AutoConfig.from_pretrained(d / "encoder")))
+        model.load_state_dict(state)
         return model.eval()
 
     # ------------------------------------------------------------ layer by layer
@@ -159,6 +156,24 @@ class MultiExitEncoder(nn.Module):
                 states.append(pooled)
         out = torch.stack(logits, 1)
         return (out, torch.stack(states, 1)) if return_states else out
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> dict:
+    """A checkpoint's multiexit.json as a dict (its ``sha256`` entry included)."""
+    d = Path(ckpt_dir)
+    return read_json(d / CONFIG_NAME, retrain_hint(d))
+
+
+def retrain_hint(ckpt_dir: str | os.PathLike) -> str:
+    return (f"the checkpoint {ckpt_dir} cannot be trusted: restore it from a copy, or delete the folder and "
+            "train it again (python -m backbones.train with the flags that made it)")
+
+
+def weights_sha256(ckpt_dir: str | os.PathLike) -> str:
+    """sha256 of a checkpoint's weights, checked against the one recorded in multiexit.json (if any)."""
+    d = Path(ckpt_dir)
+    recorded = read_config(d).get("sha256", {}).get(WEIGHTS_NAME)
+    return verify_sha256(d / WEIGHTS_NAME, recorded, retrain_hint(d))
 
 
 def load_tokenizer(path_or_ckpt: str | os.PathLike) -> PreTrainedTokenizerBase:

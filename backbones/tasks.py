@@ -22,7 +22,9 @@ A file passed by path is read by its extension when it is ``.csv``/``.jsonl``/
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ import datasets
 import numpy as np
 
 from backbones import paths
+from backbones.files import read_text_utf8
 
 __all__ = [
     "TaskError", "TaskFileNotFound", "UnknownTaskError", "TaskSpec", "TASKS",
@@ -92,7 +95,7 @@ class TaskSpec:
         """Raw label string in a file -> label id."""
         table = {n: i for i, n in enumerate(self.label_names)}
         table.update({v: i for i, v in enumerate(self.label_values or ())})
-        return table
+        return {**{_raw_label(k): i for k, i in table.items()}, **table}  # "1.0" names label "1" too
 
 
 _GLUE_NLI = ("entailment", "not_entailment")
@@ -176,18 +179,31 @@ def _fmt_for_file(file: Path, default: str) -> str:
     return default if default in ("glue_tsv", "csv_tsv", "mrpc_raw") else "csv_tsv"
 
 
+_INTEGRAL = re.compile(r"[+-]?\d+\.0*")
+
+
 def _raw_label(v: Any) -> str | None:
+    """A label as the string it is looked up by; an integral number is one label however it is written
+    (``1``, ``1.0``, ``1.`` in a CSV or JSON file are all ``"1"``)."""
     if isinstance(v, bool) or v is None:
         return None
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    return str(v).strip()
+    v = str(v).strip()
+    return str(int(float(v))) if _INTEGRAL.fullmatch(v) else v
 
 
-def _open_text(file: Path, what: str):
+def _open_text(file: Path, what: str) -> io.StringIO:
+    """The file's text (UTF-8) as a file-like object named after it; bytes that are not UTF-8 are a
+    :class:`TaskError` naming the file and line."""
     if not file.is_file():
         raise TaskFileNotFound(f"{what} not found: {file}")
-    return open(file, encoding="utf-8-sig", newline="")
+    try:
+        fh = io.StringIO(read_text_utf8(file), newline="")
+    except ValueError as e:
+        raise TaskError(str(e)) from None
+    fh.name = str(file)
+    return fh
 
 
 def _iter_rows(file: Path, fmt: str, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -420,7 +436,10 @@ def load_task_file(path: str | Path) -> TaskSpec:
     file = Path(path).expanduser()
     if not file.is_file():
         raise TaskFileNotFound(f"task file not found: {file}")
-    text = file.read_text(encoding="utf-8-sig")
+    try:
+        text = read_text_utf8(file)
+    except ValueError as e:
+        raise TaskError(f"task file {e}") from None
     try:
         if file.suffix.lower() == ".json":
             d = json.loads(text)

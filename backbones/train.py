@@ -15,10 +15,13 @@ saved step when started again with the same flags.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
@@ -28,9 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from backbones import tasks as T
-from backbones.cli import UserError, parse, user_errors
+from backbones.cli import UserError, one_line, parse, user_errors
 from backbones.data import Encoded, length_grouped_order, model_inputs, run_all_layers
-from backbones.files import save_npy, write_json
+from backbones.files import claim, read_json, save_npy, write_json
 from backbones.multiexit import WEIGHTS_NAME, MultiExitEncoder, default_pooling, load_tokenizer, weighted_exit_loss
 from backbones.paths import DEFAULT_ENCODER, resolve_model, runs_dir
 from backbones.protocol import Partition, checkpoint_suffix, partition
@@ -198,23 +201,60 @@ def layer_metrics(task: str, logp: np.ndarray, labels: np.ndarray) -> list[float
     return [T.compute_metric(task, logp[:, l].argmax(-1), labels) for l in range(logp.shape[1])]
 
 
+# TrainConfig fields that do not change the weights: where files are read from or written to, how often
+# progress is saved, the evaluation batch size, files only scored. The train rows are compared by content.
+NOT_TRAINING = ("data_dir", "task_file", "train_file", "dev_file", "test_file", "out", "save_every",
+                "eval_batch_size")
+STATE, PENDING_STATE = "state", "state.new"
+
+
 def train(cfg: TrainConfig, objective: Objective | None = None) -> Path:
     """Train (or resume) and return the checkpoint directory.
 
-    Without ``objective`` the loss is Eq 1 (``cfg.objective="eq1"``) or the last layer's CE.
+    Without ``objective`` the loss is Eq 1 (``cfg.objective="eq1"``) or the last layer's CE. The
+    process claims the checkpoint folder (:func:`backbones.files.claim`): another one training the
+    same checkpoint makes it wait, then find it trained. An interrupted run resumes only with the
+    same settings and training rows; a complete checkpoint is reused only with the same settings
+    (otherwise a :class:`~backbones.cli.UserError` names the differing fields); a complete one whose
+    metrics.json was deleted gets it back by evaluating its (checked) weights, without retraining.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
 
     c = cfg.resolved()
     acc = Accelerator()
     set_seed(c.seed)
     out = checkpoint_dir(c)
+    splits = load_splits(c)  # errors in user data surface before anything is written
+    with claim(out, f"the checkpoint {out}") if acc.is_main_process else nullcontext():
+        acc.wait_for_everyone()  # other ranks wait while the main one waits for the folder
+        return _train(c, acc, out, splits, objective)
+
+
+def _train(c: TrainConfig, acc, out: Path, splits, objective: Objective | None) -> Path:
+    from transformers import get_linear_schedule_with_warmup
+
     spec = T.get_task(c.task)
-    train_ds, dev_ds, test_ds = load_splits(c)  # errors in user data surface before anything is written
+    train_ds, dev_ds, test_ds = splits
+    data_sha = rows_sha256(train_ds)
     if is_complete(out):
+        check_same_training(out, c, data_sha)
         acc.print(f"{out} is already trained; delete it to train again.")
+        return out
+    state_dir = out / STATE
+    if acc.is_main_process and not (state_dir / "progress.json").is_file() \
+            and (out / PENDING_STATE / "progress.json").is_file():  # interrupted between writing and renaming
+        shutil.rmtree(state_dir, ignore_errors=True)
+        os.replace(out / PENDING_STATE, state_dir)
+    acc.wait_for_everyone()
+    resuming = (state_dir / "progress.json").is_file()
+    if resuming:
+        check_same_training(out, c, data_sha, interrupted=True)
+    elif (out / WEIGHTS_NAME).is_file() and (out / "train_config.json").is_file():
+        check_same_training(out, c, None)
+        if acc.is_main_process:
+            rebuild_metrics(out, c, dev_ds, test_ds)
+        acc.wait_for_everyone()
         return out
 
     if objective is None and c.objective not in ("eq1", "last"):
@@ -253,13 +293,10 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> Path:
     if objective is not None:
         objective.modules = extra
 
-    state_dir = out / "state"
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     correct = np.full((c.epochs, len(enc_train), model_layers(model)), -1, dtype=np.int8)
-    if (state_dir / "progress.json").is_file():
-        acc.load_state(str(state_dir))
-        progress = json.loads((state_dir / "progress.json").read_text())
-        correct = np.load(state_dir / "train_correct.npy")
+    if resuming:
+        progress, correct = load_progress(acc, state_dir, correct.shape)
         acc.print(f"resuming {out.name} at epoch {progress['epoch'] + 1}, step {progress['step_in_epoch']}")
     else:
         acc.print(f"training {out.name}: {len(enc_train)} train / {len(enc_dev)} dev instances, "
@@ -274,12 +311,21 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> Path:
         writer = SummaryWriter(str(runs_dir() / "tb" / "stage1" / tb_name(out)))
 
     def save_state(epoch: int, step_in_epoch: int, global_step: int) -> None:
+        """Write the state to state.new/ (progress.json last), then swap it for state/: an interruption
+        mid-save leaves the previous state/ whole."""
+        pending = out / PENDING_STATE
         acc.wait_for_everyone()
-        acc.save_state(str(state_dir))
         if acc.is_main_process:
-            save_npy(state_dir / "train_correct.npy", correct)
-            write_json(state_dir / "progress.json",
-                       {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step})
+            shutil.rmtree(pending, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(pending))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_npy(pending / "train_correct.npy", correct)
+            write_json(pending / "progress.json", {"epoch": epoch, "step_in_epoch": step_in_epoch,
+                                                   "global_step": global_step, "train_rows_sha256": data_sha})
+            shutil.rmtree(state_dir, ignore_errors=True)
+            os.replace(pending, state_dir)
         acc.wait_for_everyone()  # no rank runs ahead (and may crash, killing the main one) mid-save
 
     t0 = time.time()
@@ -333,17 +379,89 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> Path:
         result = evaluate_checkpoint_model(model_, tok, c, dev_ds, test_ds)
         result["wall_time_s"] = round(time.time() - t0, 1)
         result["config"] = asdict(c)
+        result["train_rows_sha256"] = data_sha
         save_npy(out / "train_correct.npy", correct)
         model_.save(out, tok)
         if objective is not None:
             objective.save(out, acc.unwrap_model)
         write_json(out / "metrics.json", result, indent=2)  # written last: its presence marks the checkpoint complete
         shutil.rmtree(state_dir, ignore_errors=True)
+        shutil.rmtree(out / PENDING_STATE, ignore_errors=True)
         writer.close()
         print(format_layer_table(result))
         print(f"checkpoint: {out}  ({result['wall_time_s']:.0f} s)")
     acc.wait_for_everyone()
     return out
+
+
+def rows_sha256(ds) -> str:
+    """sha256 of the training rows (texts and labels, in order): the data a checkpoint was fitted on."""
+    h = hashlib.sha256()
+    for col in ("text_a", "text_b", "label"):
+        h.update(json.dumps(list(ds[col])).encode())
+    return h.hexdigest()
+
+
+def config_diff(saved: dict, c: TrainConfig) -> list[str]:
+    """``field saved -> asked`` for every field that changes training (a field the saved config
+    predates is not compared)."""
+    now = asdict(c)
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
+            if k not in NOT_TRAINING and k in saved and saved[k] != v]
+
+
+def check_same_training(out: Path, c: TrainConfig, data_sha: str | None, interrupted: bool = False) -> None:
+    """Raise a :class:`UserError` if the run in ``out`` was made with other settings (train_config.json)
+    or, when ``data_sha`` is given and the run recorded one, on other training rows."""
+    what = f"{out} holds an interrupted run" if interrupted else f"{out} is a checkpoint trained"
+    again = (f"rerun with its settings to resume it, or start over: delete {out} or pass --out NEW_DIR"
+             if interrupted else f"give its settings to reuse it, or train another: delete {out} or pass --out NEW_DIR")
+    cfg_file = out / "train_config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{what} without train_config.json, so what it was trained with is unknown; "
+                        f"delete {out} or pass --out NEW_DIR")
+    saved = read_json(cfg_file, f"delete {out} or pass --out NEW_DIR")
+    diff = config_diff(saved, c)
+    if data_sha is not None:
+        rec = out / (f"{STATE}/progress.json" if interrupted else "metrics.json")
+        try:
+            recorded = json.loads(rec.read_text()).get("train_rows_sha256")
+        except (OSError, ValueError):
+            recorded = None  # a damaged progress.json is reported when it is loaded
+        if recorded is not None and recorded != data_sha:
+            diff.append("training rows (the train file's content, or the subset/holdout/fold taken from it)")
+    if diff:
+        raise UserError(f"{what} with other settings: {'; '.join(diff)}; {again}")
+
+
+def load_progress(acc, state_dir: Path, shape: tuple) -> tuple[dict, np.ndarray]:
+    """progress.json, the per-instance correctness so far and accelerate's state of an interrupted run;
+    a damaged state/ is a :class:`UserError` saying how to recover."""
+    try:
+        progress = json.loads((state_dir / "progress.json").read_text())
+        progress = {k: int(progress[k]) for k in ("epoch", "step_in_epoch", "global_step")}
+        correct = np.load(state_dir / "train_correct.npy")
+        if correct.shape != shape:
+            raise ValueError(f"train_correct.npy is {correct.shape}, expected {shape}")
+        acc.load_state(str(state_dir))
+    except Exception as e:  # noqa: BLE001 - whatever is wrong, the remedy is the same
+        raise UserError(f"{state_dir}, the saved progress of an interrupted run, is damaged ({one_line(e)}); "
+                        f"delete {state_dir} to train {state_dir.parent.name} from the start "
+                        "(or delete the whole folder)") from e
+    return progress, correct
+
+
+def rebuild_metrics(out: Path, c: TrainConfig, dev_ds, test_ds) -> None:
+    """A complete checkpoint whose metrics.json went missing: evaluate its weights (checked against their
+    sha256) on dev (and test) and write metrics.json again, instead of retraining."""
+    print(f"{out}: metrics.json is missing but the weights are there; evaluating them to rebuild it "
+          "(no retraining; delete the folder to train again)")
+    model = MultiExitEncoder.load(out)
+    result = evaluate_checkpoint_model(model, load_tokenizer(out), c, dev_ds, test_ds)
+    result.update(wall_time_s=None, config=asdict(c), train_rows_sha256=None,
+                  rebuilt="metrics.json was rebuilt by evaluating the saved weights")
+    write_json(out / "metrics.json", result, indent=2)
+    print(format_layer_table(result))
 
 
 def model_layers(model) -> int:
@@ -378,13 +496,19 @@ def format_layer_table(result: dict) -> str:
 
 
 def ensure_checkpoint(task: str, **overrides) -> Path:
-    """The stage-1 checkpoint for ``task`` with these settings; trained first if missing."""
+    """The stage-1 checkpoint for ``task`` with these settings; trained first if missing (or waited for,
+    when another process is training it). A complete checkpoint in that folder trained with other
+    settings is refused (:class:`UserError`), never reused."""
     c = TrainConfig(task=task, **{k: v for k, v in overrides.items() if v is not None})
-    ckpt = checkpoint_dir(c.resolved())
-    if not is_complete(ckpt):
-        print(f"No stage-1 checkpoint at {ckpt}: training it now (Eq 1, {c.resolved().epochs} epochs). "
+    r = c.resolved()
+    ckpt = checkpoint_dir(r)
+    if is_complete(ckpt):
+        check_same_training(ckpt, r, None)
+        return ckpt
+    if not (ckpt / WEIGHTS_NAME).is_file():  # (with weights but no metrics.json, train() says what it does)
+        print(f"No stage-1 checkpoint at {ckpt}: training it now (Eq 1, {r.epochs} epochs). "
               "This runs once; later runs reuse it.")
-        train(c)
+    train(c)
     return ckpt
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backbones.files import (IntegrityError, claim, nonfinite, resolve_stored, save_npy, sha256_file, stored_path,
+                             write_json)
 
 @dataclass
 class LayerCache:
@@ -76,25 +78,22 @@ FORMAT_VERSION = 2
 _ARRAYS = ("states", "log_probs", "labels")
 
 
-class CacheError(RuntimeError):
-    """A cache on disk is missing, corrupt or does not match what was asked for."""
+class CacheError(ValueError):
+    """A cache on disk is missing, corrupt or does not match what was asked for (a ``ValueError``:
+    when it cannot be rebuilt, commands report it as one line)."""
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
+_sha256_file = sha256_file
+_PATH_KEYS = ("checkpoint", "heads_dir")  # meta entries holding paths: stored relative to runs/ (backbones.files)
 
 
 def fingerprint(checkpoint: Path, task: str, split: str, data_file: str, max_length: int, rows: str | None) -> str:
     """What a cache depends on: checkpoint weights, task, split, its data (by content), the rows taken
     from it, max length, format version."""
-    from backbones.multiexit import WEIGHTS_NAME
+    from backbones.multiexit import weights_sha256
 
     parts = {
-        "weights": _sha256_file(Path(checkpoint) / WEIGHTS_NAME),
+        "weights": weights_sha256(checkpoint),  # checked against the sha256 the checkpoint recorded
         "task": task, "split": split, "data": data_file, "max_length": max_length,
         "rows": rows, "format": FORMAT_VERSION,
     }
@@ -111,26 +110,30 @@ def _checksum(a: np.ndarray) -> str:
 
 
 def save_cache(cache: LayerCache, folder: Path) -> None:
-    """Write arrays then meta.json, each atomically; meta.json last marks the cache complete."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write arrays then meta.json, each atomically (unique temporary names: two writers never clash);
+    meta.json last marks the cache complete. NaN or infinite states or log-probabilities are refused
+    (:class:`~backbones.files.IntegrityError`): nothing built on bad weights is cached."""
+    bad = nonfinite({name: getattr(cache, name) for name in _ARRAYS})
+    if bad:
+        src = cache.meta.get("checkpoint") or cache.meta.get("heads_dir") or "the model"
+        raise IntegrityError(f"refusing to cache {cache.task}/{cache.split}: {', '.join(bad)} hold NaN or infinite "
+                             f"values, so the weights of {src} are broken; restore or retrain them")
     meta = {"format": FORMAT_VERSION, "fingerprint": cache.fingerprint, "task": cache.task, "split": cache.split,
-            "label_names": list(cache.label_names), "metric": cache.metric, "meta": cache.meta, "arrays": {}}
+            "label_names": list(cache.label_names), "metric": cache.metric,
+            "meta": {k: stored_path(v) if k in _PATH_KEYS and v else v for k, v in cache.meta.items()}, "arrays": {}}
     for name in _ARRAYS:
         arr = np.ascontiguousarray(getattr(cache, name))
-        tmp = folder / f"{name}.tmp.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, folder / f"{name}.npy")
+        save_npy(folder / f"{name}.npy", arr)
         meta["arrays"][name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "checksum": _checksum(arr)}
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / "meta.json")
+    write_json(folder / "meta.json", meta)
 
 
-def load_cache(folder: Path, expect_fingerprint: str | None = None, verify_states: bool = False) -> LayerCache:
+def load_cache(folder: Path, expect_fingerprint: str | None = None, verify_states: bool = True) -> LayerCache:
     """Memory-map a cache; raise :class:`CacheError` if it is incomplete, corrupt or not the one expected.
 
-    Shapes, dtypes and the checksums of labels and log-probabilities are always
-    checked; the (large) states too when ``verify_states``.
+    Shapes, dtypes and the sha256 checksums of every array are checked, and the floats for
+    NaN/inf (``verify_states=False`` skips the checksum of the large states array: about 5x
+    faster on a big cache, but a flipped byte there goes unnoticed).
     """
     folder = Path(folder)
     try:
@@ -152,19 +155,24 @@ def load_cache(folder: Path, expect_fingerprint: str | None = None, verify_state
             raise CacheError(f"{folder}/{name}.npy is {arr.shape} {arr.dtype}, meta says {want['shape']} {want['dtype']}")
         if (name != "states" or verify_states) and _checksum(arr) != want["checksum"]:
             raise CacheError(f"{folder}/{name}.npy checksum mismatch (corrupt)")
+        if nonfinite({name: arr}):
+            raise CacheError(f"{folder}/{name}.npy holds NaN or infinite values")
         arrays[name] = np.asarray(arr)  # a plain ndarray view of the map: indexing a np.memmap subclass is slow
+    inner = {k: str(resolve_stored(v)) if k in _PATH_KEYS and v else v for k, v in meta["meta"].items()}
     return LayerCache(**arrays, task=meta["task"], split=meta["split"], label_names=tuple(meta["label_names"]),
-                      metric=meta["metric"], fingerprint=meta["fingerprint"], meta=meta["meta"])
+                      metric=meta["metric"], fingerprint=meta["fingerprint"], meta=inner)
 
 
-def load_if_usable(folder: Path, fp: str) -> LayerCache | None:
-    """The cache in ``folder`` if it exists and matches ``fp``; None (with a message) if it must be built."""
+def load_if_usable(folder: Path, fp: str, quiet: bool = False) -> LayerCache | None:
+    """The cache in ``folder`` if it exists and matches ``fp``; None (with a message unless ``quiet``) if it
+    must be built."""
     if not folder.exists():
         return None
     try:
         return load_cache(folder, fp)
     except CacheError as e:
-        print(f"cache {folder} is unusable ({e}); rebuilding it")
+        if not quiet:
+            print(f"cache {folder} is unusable ({e}); rebuilding it")
         return None
 
 
@@ -297,10 +305,10 @@ def _calib_cache(spec, ckpt: Path, data_dir, data_file, rebuild, batch_size, ver
 def _layer_pass(spec, ckpt: Path, split: str, ds, rows: np.ndarray | None, data_id: str,
                 rebuild: bool, batch_size: int, verbose: bool) -> LayerCache:
     """The cache of ``ckpt`` over ``ds`` (or its ``rows``), loaded when present and intact, else built."""
-    from backbones.multiexit import MultiExitEncoder, load_tokenizer
+    from backbones.multiexit import MultiExitEncoder, load_tokenizer, read_config
     from backbones.paths import runs_dir
 
-    cfg = json.loads((ckpt / "multiexit.json").read_text())
+    cfg = read_config(ckpt)
     rows_id = None
     if rows is not None:
         rows = np.asarray(rows, dtype=np.int64)
@@ -313,16 +321,19 @@ def _layer_pass(spec, ckpt: Path, split: str, ds, rows: np.ndarray | None, data_
     folder = runs_dir() / "cache" / spec.name / f"{split}-{fp[:16]}"
     if not rebuild and (cached := load_if_usable(folder, fp)) is not None:
         return cached
-    if verbose:
-        print(f"building the layer cache for {spec.name}/{split} ({len(ds)} instances) from {ckpt}")
-    model = MultiExitEncoder.load(ckpt)
-    meta = {"checkpoint": str(ckpt), "source": data_id, "pooling": cfg["pooling"]}
-    if rows is not None:
-        meta["rows"] = rows.tolist()
-    cache = build_cache(model, load_tokenizer(ckpt), ds, task=spec.name, split=split, label_names=spec.label_names,
-                        metric=spec.metric, max_length=cfg["max_length"], fingerprint_=fp, batch_size=batch_size,
-                        meta=meta)
-    save_cache(cache, folder)
+    with claim(folder, f"the layer cache {spec.name}/{split}"):  # a second builder waits, then loads it
+        if not rebuild and (cached := load_if_usable(folder, fp, quiet=True)) is not None:
+            return cached
+        if verbose:
+            print(f"building the layer cache for {spec.name}/{split} ({len(ds)} instances) from {ckpt}")
+        model = MultiExitEncoder.load(ckpt)
+        meta = {"checkpoint": str(ckpt), "source": data_id, "pooling": cfg["pooling"]}
+        if rows is not None:
+            meta["rows"] = rows.tolist()
+        cache = build_cache(model, load_tokenizer(ckpt), ds, task=spec.name, split=split,
+                            label_names=spec.label_names, metric=spec.metric, max_length=cfg["max_length"],
+                            fingerprint_=fp, batch_size=batch_size, meta=meta)
+        save_cache(cache, folder)
     return load_cache(folder, fp)
 
 

@@ -11,7 +11,8 @@ Nothing here touches ``runs/``: everything is written under pytest's tmp dirs, a
   occurs (negatives contain "bad"); 64 train / 32 dev rows.
 - ``tiny_rte_files``: the same signal in GLUE RTE's format, for subprocesses (``--task RTE
   --train-file ... --dev-file ...``), where in-process user tasks do not exist.
-- ``tiny_checkpoint``: a stage-1 checkpoint trained once per session on ``tiny_task``.
+- ``tiny_checkpoint``: a stage-1 checkpoint trained once per session on ``tiny_task``; ``ckpt``: its folder.
+- ``load_counter``: the checkpoint loads made during a test (one per layer cache built).
 """
 from __future__ import annotations
 
@@ -182,3 +183,25 @@ def tiny_checkpoint(tmp_path_factory, tiny_task_files, tiny_encoder_dir):
         out = tr.train(tr.TrainConfig(task=TINY_TASK, model=str(tiny_encoder_dir), out=str(root / "ckpt"),
                                       save_every=0, **TINY_TRAIN))
     return out, losses
+
+
+@pytest.fixture()
+def ckpt(tiny_checkpoint, tiny_task):
+    """The session's tiny stage-1 checkpoint, its task registered."""
+    return tiny_checkpoint[0]
+
+
+@pytest.fixture()
+def load_counter(monkeypatch):
+    """Counts how often a checkpoint is loaded (i.e. how often get_cache builds a cache)."""
+    from backbones.multiexit import MultiExitEncoder
+
+    calls = []
+    real = MultiExitEncoder.load.__func__
+
+    def counting(cls, d):
+        calls.append(str(d))
+        return real(cls, d)
+
+    monkeypatch.setattr(MultiExitEncoder, "load", classmethod(counting))
+    return calls

@@ -196,7 +196,7 @@ def test_complete_checkpoint_is_not_retrained(tiny_checkpoint, tiny_task, tiny_e
     monkeypatch.setattr(tr, "weighted_exit_loss", lambda *a, **k: pytest.fail("retrained a complete checkpoint"))
     got = tr.train(tr.TrainConfig(task=TINY_TASK, model=str(tiny_encoder_dir), out=str(out), **TINY_TRAIN))
     assert got == out and "already trained" in capsys.readouterr().out
-    assert tr.ensure_checkpoint(TINY_TASK, model=str(tiny_encoder_dir), out=str(out)) == out
+    assert tr.ensure_checkpoint(TINY_TASK, model=str(tiny_encoder_dir), out=str(out), **TINY_TRAIN) == out
     assert (out / WEIGHTS_NAME).stat().st_mtime_ns == before
 
 
@@ -227,7 +227,8 @@ def test_resume_after_interruption(tmp_runs, tiny_task, tiny_encoder_dir, monkey
     out = tmp_runs / "ck"
     assert not tr.is_complete(out) and not (out / "metrics.json").exists()
     progress = json.loads((out / "state" / "progress.json").read_text())
-    assert progress == {"epoch": 1, "step_in_epoch": 4, "global_step": 12}
+    assert progress == {"epoch": 1, "step_in_epoch": 4, "global_step": 12,
+                        "train_rows_sha256": tr.rows_sha256(tr.load_splits(cfg.resolved())[0])}
     partial = np.load(out / "state" / "train_correct.npy")
     assert (partial[0] >= 0).all() and (partial[1] >= 0).sum() == 4 * 8 * 2 and (partial[1] < 0).sum() == 4 * 8 * 2
     capsys.readouterr()

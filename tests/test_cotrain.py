@@ -101,7 +101,7 @@ def test_cotrain_round_trip_and_resume(tiny_checkpoint, tiny_task, tmp_runs, cap
     before, after = load_file(str(ckpt / "model.safetensors")), load_file(str(new_ckpt / "model.safetensors"))
     assert any(not np.array_equal(before[k], after[k]) for k in before)
     state = json.loads((root / "state.json").read_text())
-    assert state["rounds"][1]["checkpoint"] == str(new_ckpt)
+    assert state["rounds"][1]["checkpoint"] == new_ckpt.relative_to(tmp_runs).as_posix()  # relative to runs/
     for r in summary["rounds"]:
         assert 0 <= r["metric"] <= 1 and 1 <= r["avg_exit_layer"] <= 2
     fig2 = summary["figure2"]

@@ -56,7 +56,7 @@ def test_short_ppo_run_beats_random_policy_and_writes_results(ppo_run, caches):
     assert res["dev"]["sb3-ppo"]["metric"] == pytest.approx(learned.metric)
     assert res["env_steps"] >= 6_000 and len(res["reward_curve"]) > 10
     assert all(len(p) == 2 for p in res["reward_curve"])
-    assert (run_dir / "model.zip").is_file() and (run_dir / "obs_norm.npz").is_file()
+    assert (run_dir / "sb3_policy.safetensors").is_file() and (run_dir / "model.zip").is_file()
     tb = runs / "tb" / "sb3" / "Synthetic-v0-ppo-vanilla-a0.3-s0"
     assert any(tb.glob("events.out.tfevents.*"))
 

@@ -25,7 +25,6 @@ denominator computed once per batch, the same operations as ``model.pool`` /
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,25 +126,31 @@ class EarlyExitClassifier:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                 threshold: float | None = None, **kw) -> "EarlyExitClassifier":
+                 threshold: float | None = None, trust_pickle: bool = False, **kw) -> "EarlyExitClassifier":
         """A trained policy run and its backbone.
 
         Runs of ``agents.reinforce`` (``policy.safetensors`` + ``policy.json``: a
         :class:`LearnedExit`, exit when pi > ``threshold``, default policy.json's
         ``threshold`` or 0.5, the paper's rule) and of ``agents.sb3``
-        (``model.zip`` + ``sb3_policy.json``: an ``SB3Exit``) are understood. The
-        backbone is ``checkpoint`` if given, else the ``checkpoint`` key of the run's
-        JSON, else the default stage-1 checkpoint of its ``task`` key.
+        (``sb3_policy.safetensors`` + ``sb3_policy.json``: an ``SB3Exit``) are understood;
+        weights are checked against the sha256 their JSON records. An older SB3 run with
+        only a pickled ``model.zip`` is refused unless ``trust_pickle``. The backbone is
+        ``checkpoint`` if given, else the ``checkpoint`` key of the run's JSON (relative to
+        the runs directory when written inside it), else the default stage-1 checkpoint
+        of its ``task`` key.
         """
+        from backbones.files import read_json
+
         run = Path(run_dir)
         if not run.is_dir():
             raise FileNotFoundError(f"policy run directory not found: {run}")
+        fix = f"the policy run {run} cannot be trusted: train it again or restore the folder from a copy"
         if (run / "policy.json").is_file() or not (run / "sb3_policy.json").is_file():
             for f in ("policy.json", "policy.safetensors"):
                 if not (run / f).is_file():
                     raise FileNotFoundError(f"{run} is not a policy run: {f} is missing "
-                                            "(or sb3_policy.json + model.zip for an SB3 run)")
-            meta = json.loads((run / "policy.json").read_text())
+                                            "(or sb3_policy.json + sb3_policy.safetensors for an SB3 run)")
+            meta = read_json(run / "policy.json", fix)
             thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
             policy = LearnedExit(LayerMLPPolicy.load(run), thr, name=str(meta.get("name", "consistentee")))
         else:
@@ -153,8 +158,8 @@ class EarlyExitClassifier:
                 raise ValueError("threshold applies to LayerMLPPolicy runs (policy.json), not to SB3 runs")
             from agents.sb3 import SB3Exit
 
-            meta = json.loads((run / "sb3_policy.json").read_text())
-            policy = SB3Exit.load(run)
+            meta = read_json(run / "sb3_policy.json", fix)
+            policy = SB3Exit.load(run, trust_pickle=trust_pickle)
         ckpt = Path(checkpoint) if checkpoint is not None else resolve_policy_checkpoint(run, meta)
         return cls.from_checkpoint(ckpt, policy, **kw)
 
@@ -314,13 +319,16 @@ def _is_stock_pool(model) -> bool:
 
 
 def resolve_policy_checkpoint(run: Path, meta: dict) -> Path:
-    """The backbone a policy run was trained on: its JSON's ``checkpoint``, else its task's default."""
+    """The backbone a policy run was trained on: its JSON's ``checkpoint`` (a relative one is looked up in
+    the runs directory first, where runs store it, then, for older runs, the working directory, the run
+    and the checkout), else its task's default."""
+    from backbones.files import resolve_stored
     from backbones.paths import REPO_ROOT
 
     ck = meta.get("checkpoint")
     if ck:
         p = Path(ck).expanduser()
-        for cand in ([p] if p.is_absolute() else [Path.cwd() / p, run / p, REPO_ROOT / p]):
+        for cand in ([p] if p.is_absolute() else [resolve_stored(p), Path.cwd() / p, run / p, REPO_ROOT / p]):
             if cand.is_dir():
                 return cand
         raise FileNotFoundError(f"{run} names checkpoint {ck!r}, which does not exist; "

@@ -1,7 +1,6 @@
 """The exit policy network pi(exit | s_l) of ConsistentEE, trained by the RL agents (Eq 5)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -9,7 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from backbones.files import load_tensors, read_json, save_tensors, stored_path, write_json
 from cee_env.observations import OBS_MODES, observe
+
+WEIGHTS = "policy.safetensors"
 
 
 FEATURES = OBS_MODES
@@ -95,23 +97,27 @@ class LayerMLPPolicy(nn.Module):
 
     # ----------------------------------------------------------- save / load
     def save(self, out_dir: str | os.PathLike, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
+        """policy.safetensors, then policy.json (architecture, ``extra``, the weights' sha256), each atomic.
 
+        Parameters holding NaN/inf are refused before anything is written, so a diverged run never
+        replaces a good policy of the same name (and its caller writes no results). A ``checkpoint``
+        in ``extra`` is stored relative to the runs directory when it lies inside it."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(out / "policy.safetensors.tmp"))
-        os.replace(out / "policy.safetensors.tmp", out / "policy.safetensors")
+        sha = save_tensors(out / WEIGHTS, self.state_dict(), "the exit policy's parameters")
         cfg = {"state_dim": self.state_dim, "num_layers": self.num_layers, "hidden": self.hidden,
                "shared": self.shared, "features": self.features, **(extra or {})}
-        (out / "policy.json.tmp").write_text(json.dumps(cfg, indent=2))
-        os.replace(out / "policy.json.tmp", out / "policy.json")
+        if cfg.get("checkpoint"):
+            cfg["checkpoint"] = stored_path(cfg["checkpoint"])
+        write_json(out / "policy.json", {**cfg, "sha256": {WEIGHTS: sha}}, indent=2)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> "LayerMLPPolicy":
-        from safetensors.torch import load_file
-
+        """Load a saved policy; policy.safetensors must match the sha256 in policy.json and be finite
+        (:class:`~backbones.files.IntegrityError` naming the file otherwise)."""
         d = Path(run_dir)
-        cfg = json.loads((d / "policy.json").read_text())
+        fix = f"the policy in {d} cannot be trusted: train it again (or restore the folder from a copy)"
+        cfg = read_json(d / "policy.json", fix)
+        state = load_tensors(d / WEIGHTS, cfg.get("sha256", {}).get(WEIGHTS), fix)
         net = cls(cfg["state_dim"], cfg["num_layers"], cfg["hidden"], cfg["shared"], cfg.get("features", "state"))
-        net.load_state_dict(load_file(str(d / "policy.safetensors")))
+        net.load_state_dict(state)
         return net.eval()
