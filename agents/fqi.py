@@ -35,8 +35,9 @@ from torch import nn
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents.evaluate import evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
-from agents.reinforce import log_eval, make_caches, print_summary
-from agents.runtime import parse_dataclass_args, torch_threads
+from agents.reinforce import log_eval, make_caches, print_summary, register_task_file
+from agents.runtime import torch_threads
+from backbones.cli import parse, user_errors
 from backbones.files import write_json
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
@@ -60,10 +61,16 @@ class Args:
     """Adam learning rate"""
     weight_decay: float = 1e-3
     """Adam weight decay (the Q networks see a few thousand points per layer)"""
-    tau: float = 0.05
+    tau: float = 1.0
     """temperature of the saved policy: pi = sigmoid((Q_exit - Q_cont) / tau)"""
     seed: int = 0
     """random seed"""
+    train_split: str = "calib"
+    """what the policy learns on: calib (rows the backbone never saw) or train (the rows it was fitted on)"""
+    protocol: str | None = None
+    """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
+    task_file: str | None = None
+    """a task described by a TOML/JSON file; the env becomes cee/<name>-v0"""
     checkpoint: str | None = None
     """stage-1 checkpoint directory (default: the task's deployed one, trained if missing)"""
     data_dir: str | None = None
@@ -181,8 +188,11 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     """Fit the exit rule; returns {"policy": LearnedExit, "results": {...}, "run_dir": Path}."""
     if args.reward not in cee_env.REWARDS:
         raise ValueError(f"--reward must be one of {cee_env.REWARDS}; got {args.reward!r}")
-    if args.tau <= 0 or args.epochs < 1 or args.hidden < 1:
-        raise ValueError("--tau must be > 0, --epochs and --hidden >= 1")
+    if not (args.tau > 0 and np.isfinite(args.tau)) or args.epochs < 1 or args.hidden < 1:
+        raise ValueError("--tau must be a finite number > 0, --epochs and --hidden >= 1")
+    if not np.isfinite(args.alpha) or args.alpha < 0:
+        raise ValueError(f"--alpha must be a finite number >= 0; got {args.alpha}")
+    register_task_file(args)
     cee_env.env_task(args.env)
     caches = caches or make_caches(args)
     with torch_threads(args.torch_threads):
@@ -221,8 +231,13 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
 
 
 def parse_args(argv=None) -> Args:
-    return parse_dataclass_args(Args, argv, __doc__)
+    return parse(Args, argv, __doc__)
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    main()

@@ -2,6 +2,12 @@
 
     python -m agents.reinforce --env cee/RTE-v0
     python -m agents.reinforce --env cee/MRPC-v0 --alpha 0.02 --reward vanilla
+    python -m agents.reinforce --env cee/MCID-v0 --obs confidence --reward consistency --alpha 0.01
+    python -m agents.reinforce --task-file my_task.toml     # your own task (cee/<Name>-v0)
+
+The policy learns on the calib split (training rows the stage-1 backbone never saw,
+whose layer outputs look like test-time outputs: ``backbones.protocol``); ``--train-split
+train`` learns on the rows the backbone was fitted on, as the paper does.
 
 Per update: a batch of training instances, K trajectories each (K copies of the
 instance in the vector env), actions sampled from Bernoulli(pi(exit | s_l)) with
@@ -24,7 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.runtime import parse_dataclass_args, torch_threads, write_json
+from agents.runtime import torch_threads
+from backbones.cli import parse, user_errors
+from backbones.files import claim, write_json
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from agents.rl.losses import reinforce_loss
@@ -67,8 +75,14 @@ class Args:
     """epochs between dev evaluations"""
     seed: int = 0
     """random seed"""
+    train_split: str = "calib"
+    """what the policy learns on: calib (rows the backbone never saw) or train (the rows it was fitted on, the paper)"""
+    protocol: str | None = None
+    """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
+    task_file: str | None = None
+    """a task described by a TOML/JSON file (name, files, columns, metric); the env becomes cee/<name>-v0"""
     checkpoint: str | None = None
-    """stage-1 checkpoint directory (default: the task's default, trained if missing)"""
+    """stage-1 checkpoint directory (default: the protocol's deployed one, trained if missing)"""
     data_dir: str | None = None
     """data directory (default $CEE_DATA_DIR or ../shared/data)"""
     test_file: str | None = None
@@ -85,20 +99,59 @@ class Args:
     """no progress bar or final table"""
 
 
-def make_caches(args: Args) -> dict[str, LayerCache]:
-    """Train and dev caches (and test when a test file is given) of the environment's task."""
+def make_caches(args) -> dict[str, LayerCache]:
+    """The caches an agent needs: "train" (what the policy learns on: ``args.train_split``), "dev" and,
+    with a test file, "test" (both test sets: reported, never learned from). Works for any agent's Args
+    with the fields env, train_split, protocol, checkpoint, data_dir, test_file, seed."""
     task = cee_env.env_task(args.env)
+    split = getattr(args, "train_split", "calib")
+    if split not in ("calib", "train"):
+        raise ValueError(f"--train-split must be calib or train; got {split!r}")
     if task.lower() == "synthetic":
         from cee_env.synthetic import make_synthetic_cache
 
-        return {s: make_synthetic_cache(split=s, seed=args.seed) for s in ("train", "dev")}
-    from cee_env.cache import get_cache
+        return {"train": make_synthetic_cache(split=split, seed=args.seed), "dev": make_synthetic_cache(split="dev", seed=args.seed)}
+    from cee_env.cache import deployed_checkpoint, get_cache
 
-    kw = dict(task=task, checkpoint=args.checkpoint, data_dir=args.data_dir)
-    out = {"train": get_cache(split="train", **kw), "dev": get_cache(split="dev", **kw)}
+    ckpt = args.checkpoint or deployed_checkpoint(task, getattr(args, "protocol", None), args.data_dir)
+    kw = dict(task=task, checkpoint=ckpt, data_dir=args.data_dir)
+    out = {"train": get_cache(split=split, **kw), "dev": get_cache(split="dev", **kw)}
     if args.test_file:
         out["test"] = get_cache(split="test", test_file=args.test_file, **kw)
     return out
+
+
+def register_task_file(args) -> None:
+    """``--task-file``: register the file's task and point ``args.env`` at cee/<name>-v0."""
+    if getattr(args, "task_file", None):
+        from backbones.tasks import load_task_file
+
+        args.env = cee_env.register_task_env(load_task_file(args.task_file).name)
+
+
+def check_args(args: Args) -> None:
+    """Flag values a run cannot use, named (one-line errors at the command line)."""
+    from backbones.cli import UserError
+
+    if args.reward not in cee_env.REWARDS:
+        raise UserError(f"--reward must be one of {', '.join(cee_env.REWARDS)}; got {args.reward!r}")
+    if args.exploration not in ("sample", "greedy"):
+        raise UserError(f"--exploration must be sample or greedy; got {args.exploration!r}")
+    for flag, v in (("--alpha", args.alpha), ("--lr", args.lr)):
+        if not np.isfinite(v) or v < 0 or (flag == "--lr" and v == 0):
+            raise UserError(f"{flag} must be a finite number {'> 0' if flag == '--lr' else '>= 0'}; got {v}")
+    if args.k < 2:
+        raise UserError(f"--k must be >= 2 (the baseline is the mean of an instance's K returns; with K=1 every "
+                        f"advantage is 0 and nothing is learned); got {args.k}")
+    for flag, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--hidden", args.hidden),
+                    ("--eval-every", args.eval_every), ("--torch-threads", args.torch_threads)):
+        if v < 1:
+            raise UserError(f"{flag} must be >= 1; got {v}")
+    if args.total_env_steps is not None and args.total_env_steps < 1:
+        raise UserError(f"--total-env-steps must be >= 1 (or None for --epochs); got {args.total_env_steps}")
+    for flag, v in (("--eps-start", args.eps_start), ("--eps-end", args.eps_end)):
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"{flag} must be in [0, 1]; got {v}")
 
 
 def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
@@ -107,10 +160,8 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     Building missing caches (and a missing stage-1 checkpoint) uses every core; only the
     policy's training runs with ``args.torch_threads``.
     """
-    if args.reward not in cee_env.REWARDS:
-        raise ValueError(f"--reward must be one of {cee_env.REWARDS}")
-    if args.exploration not in ("sample", "greedy"):
-        raise ValueError("--exploration must be 'sample' or 'greedy'")
+    check_args(args)
+    register_task_file(args)
     cee_env.env_task(args.env)  # registers cee/<Task>-v0 of a user-defined task
     caches = caches or make_caches(args)
     with torch_threads(args.torch_threads):
@@ -203,7 +254,8 @@ def _train(args: Args, caches: dict[str, LayerCache]) -> dict:
     bar.close()
     envs.close()
 
-    results = {"args": asdict(args), "train_seconds": round(time.time() - t0, 1), "env_steps": steps, "updates": update,
+    results = {"args": asdict(args), "train_split": train_cache.split, "train_instances": n,
+               "train_seconds": round(time.time() - t0, 1), "env_steps": steps, "updates": update,
                "epochs": round(update / updates_per_epoch, 2),
                "reward_curve": curve[:: max(1, len(curve) // 200)]}
     for split, cache in caches.items():
@@ -213,9 +265,11 @@ def _train(args: Args, caches: dict[str, LayerCache]) -> dict:
         log_eval(writer, split, rows[1], update)
         results[split] = {r.policy: r.to_dict() for r in rows}
     writer.close()
-    net.save(run_dir, extra={"task": train_cache.task, "checkpoint": train_cache.meta.get("checkpoint"),
-                             "env": args.env, "reward": args.reward, "alpha": args.alpha})
-    write_json(run_dir / "results.json", results)
+    with claim(run_dir, f"the run folder {run_dir}"):
+        net.save(run_dir, extra={"task": train_cache.task, "checkpoint": train_cache.meta.get("checkpoint"),
+                                 "env": args.env, "reward": args.reward, "alpha": args.alpha, "obs": args.obs,
+                                 "train_split": train_cache.split})
+        write_json(run_dir / "results.json", results)
     if not args.quiet:
         print_summary(results, run_dir)
     return {"policy": policy, "results": results, "run_dir": run_dir}
@@ -229,11 +283,13 @@ def log_eval(writer, split: str, res: EvalResult, step: int) -> None:
 
 
 def print_summary(results: dict, run_dir: Path) -> None:
-    print(f"\ntrained in {results['train_seconds']:.0f} s ({results['env_steps']:,} env steps)")
+    learned = (f" on {results['train_split']} ({results['train_instances']:,} instances)"
+               if "train_split" in results else "")
+    print(f"\ntrained{learned} in {results['train_seconds']:.0f} s ({results['env_steps']:,} env steps)")
     for split in ("dev", "test"):
         if split not in results:
             continue
-        print(f"\n{split}:")
+        print(f"\n{split} (a test set: not used for training or choosing):")
         for r in results[split].values():
             print("  " + EvalResult(**{**r, "exit_layers": None, "preds": None}).line()
                   + "   exits per layer " + " ".join(map(str, r["exit_hist"])))
@@ -241,8 +297,13 @@ def print_summary(results: dict, run_dir: Path) -> None:
 
 
 def parse_args(argv=None) -> Args:
-    return parse_dataclass_args(Args, argv, __doc__)
+    return parse(Args, argv, __doc__)
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    main()

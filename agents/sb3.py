@@ -42,10 +42,12 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.runtime import parse_dataclass_args, thin, write_json
+from agents.runtime import thin
+from backbones.files import write_json
 from agents.evaluate import evaluate
 from agents.policies import ExitPolicy, OracleExit, StaticExit
-from agents.reinforce import log_eval, make_caches, print_summary
+from agents.reinforce import log_eval, make_caches, print_summary, register_task_file
+from backbones.cli import parse, user_errors
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
 from cee_env.env import EXIT, EarlyExitEnv
@@ -98,6 +100,12 @@ class Args:
     """torch device of the SB3 model"""
     torch_threads: int = 1
     """torch intra-op threads while training (small MLPs run fastest on one)"""
+    train_split: str = "calib"
+    """what the policy learns on: calib (rows the backbone never saw) or train (the rows it was fitted on)"""
+    protocol: str | None = None
+    """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
+    task_file: str | None = None
+    """a task described by a TOML/JSON file; the env becomes cee/<name>-v0"""
     checkpoint: str | None = None
     """stage-1 checkpoint directory (default: the task's default, trained if missing)"""
     data_dir: str | None = None
@@ -389,6 +397,9 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         args = replace(args, total_timesteps=DEFAULT_TIMESTEPS[args.algo])
     if args.total_timesteps < 1 or args.n_envs < 1:
         raise ValueError("--total-timesteps and --n-envs must be >= 1")
+    if not np.isfinite(args.alpha) or args.alpha < 0:
+        raise ValueError(f"--alpha must be a finite number >= 0; got {args.alpha}")
+    register_task_file(args)
     caches = caches or make_caches(args)
     train_cache, dev_cache = caches["train"], caches.get("dev")
     L = train_cache.num_layers
@@ -435,9 +446,14 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
 
 
 def parse_args(argv=None) -> Args:
-    return parse_dataclass_args(Args, argv, __doc__)
+    return parse(Args, argv, __doc__)
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    main()
 
