@@ -1,21 +1,26 @@
-"""Compare RL algorithms on the early-exit environment under one budget of env steps.
+"""Compare RL algorithms on the early-exit environment: same env, same budget, 5 seeds, IQM with 95% CIs.
 
-    python -m agents.compare --env cee/RTE-v0 --algos reinforce,ppo,a2c,dqn --seeds 3
-    python -m agents.compare --env cee/Synthetic-v0 --algos reinforce,ppo --seeds 1 --budget 20000
+    python -m agents.compare --env cee/RTE-v0 --algos reinforce,ppo,a2c,dqn
+    python -m agents.compare --env cee/MCID-v0 --obs confidence --reward consistency --alpha 0.01
 
-Every algorithm is trained once per seed on the same training cache (built once; on
-cee/Synthetic-v0 with seed 0, so seeds vary only the agents), with the same reward
-and alpha, and scored by the shared evaluator on dev. One *env step* is one layer
-decision of one instance (SB3's ``num_timesteps``).
+Every algorithm is trained once per seed on the same calib cache (rows the backbone never
+saw; ``--train-split train`` for the rows it was fitted on), with the same observation
+mode, reward and alpha, and scored by the shared evaluator with its own greedy rule (no
+knob is chosen) on the test sets: the task's dev file and any ``--test-file``. One *env
+step* is one layer decision of one instance (SB3's ``num_timesteps``).
+
+Per algorithm and test set it reports, over seeds, the interquartile mean (IQM) and a
+95% stratified-bootstrap confidence interval (rliable, Agarwal et al. 2021) of: the test
+return (the mean exit reward, the objective every algorithm maximises), the task metric
+and the saved layers.
 
 Budget: REINFORCE stops once its trajectories have taken the budget's env steps
 (mid-epoch if need be; its epsilon decays over the budget). SB3's on-policy
 algorithms finish their last rollout, so they may overshoot by up to
 n_steps * n_envs steps. The table shows the measured env steps.
 
-Writes runs/compare/<env>/results.json and compare.png (left: mean training reward
-vs env steps per algorithm, averaged over seeds; right: dev metric vs saved layers,
-one point per algorithm and seed, plus the full-depth model and the oracle).
+Writes runs/compare/<env>/results.json and compare.png (training reward vs env steps;
+IQM and CI of the test return per algorithm; test metric vs saved layers per seed).
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ import numpy as np
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents import reinforce, sb3
-from agents.runtime import parse_dataclass_args, tail_mean, write_json
+from agents.runtime import tail_mean
+from backbones.cli import parse, user_errors
+from backbones.files import write_json
 from agents.evaluate import evaluate
 from agents.policies import OracleExit, StaticExit
 from backbones.paths import runs_dir
@@ -44,8 +51,10 @@ class Args:
     """environment id (cee/<Task>-v0 or cee/Synthetic-v0)"""
     algos: str = "reinforce,ppo,a2c,dqn"
     """comma-separated algorithms: reinforce, ppo, a2c, dqn"""
-    seeds: int = 3
+    seeds: int = 5
     """seeds per algorithm (0, 1, ...)"""
+    obs: str = "state_layer"
+    """the env's observation mode, the same for every algorithm (state_layer, state, state_probs, confidence, state_confidence)"""
     budget: int = 200_000
     """env steps (layer decisions) per run"""
     reward: str = "hardness"
@@ -54,8 +63,14 @@ class Args:
     """depth penalty per layer"""
     n_envs: int = 8
     """SB3: env copies in the DummyVecEnv"""
+    train_split: str = "calib"
+    """what the policies learn on: calib (rows the backbone never saw) or train"""
+    protocol: str | None = None
+    """how calib rows are obtained: holdout or crossfit (default: the task's)"""
+    test_file: str | None = None
+    """a labelled test file of the task's format, reported next to dev"""
     checkpoint: str | None = None
-    """stage-1 checkpoint directory (default: the task's default)"""
+    """stage-1 checkpoint directory (default: the protocol's deployed one)"""
     data_dir: str | None = None
     """data directory (default $CEE_DATA_DIR or ../shared/data)"""
     name: str | None = None
@@ -70,7 +85,7 @@ def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> 
     run_name = f"compare-{env_name}-{algo}-s{seed}"
     t0 = time.time()
     if algo == "reinforce":
-        ra = reinforce.Args(env=args.env, reward=args.reward, alpha=args.alpha, seed=seed, quiet=True,
+        ra = reinforce.Args(env=args.env, reward=args.reward, alpha=args.alpha, obs=args.obs, seed=seed, quiet=True,
                             run_name=run_name, checkpoint=args.checkpoint, data_dir=args.data_dir)
         ra.total_env_steps = args.budget
         out = reinforce.train(ra, caches)
@@ -78,7 +93,8 @@ def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> 
         env_steps, curve = res["env_steps"], [(float(x), float(y)) for x, y in res["reward_curve"]]
         extra = {"epochs": res["epochs"], "updates": res["updates"]}
     else:
-        sa = sb3.Args(algo=algo, env=args.env, reward=args.reward, alpha=args.alpha, total_timesteps=args.budget,
+        sa = sb3.Args(algo=algo, env=args.env, reward=args.reward, alpha=args.alpha, obs=args.obs,
+                      total_timesteps=args.budget,
                       n_envs=args.n_envs, eval_every=max(1, args.budget // 5), seed=seed, quiet=True,
                       run_name=run_name, checkpoint=args.checkpoint, data_dir=args.data_dir)
         out = sb3.train(sa, caches)
@@ -93,52 +109,69 @@ def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> 
     for split in ("dev", "test"):
         if split in res:
             row[split] = res[split][name]
+            row[split]["return"] = test_return(out["policy"], caches[split], args)
     return row
 
 
-def _mean_std(xs) -> tuple[float, float]:
-    a = np.asarray([x for x in xs if x is not None], dtype=float)
-    if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+def test_return(policy, cache: LayerCache, args: Args) -> float:
+    """Mean exit reward of the policy's greedy rule on a test cache: the env's objective, measured on test."""
+    from agents.evaluate import first_exit
+    from cee_env.env import EpisodeTables
+
+    t = EpisodeTables.build(cache, args.reward, args.alpha, "state", 50.0, None)
+    e = first_exit(np.asarray(policy.exit_mask(cache), dtype=bool))
+    return float(t.reward[np.arange(cache.num_instances), e].mean())
 
 
-def summarise(rows: list[dict]) -> dict:
-    out = {}
-    for algo in dict.fromkeys(r["algo"] for r in rows):
-        rs = [r for r in rows if r["algo"] == algo]
-        s = {"seeds": len(rs)}
-        for key, vals in (("dev_metric", [r["dev"]["metric"] for r in rs]),
-                          ("dev_saved_layers", [r["dev"]["saved_layers"] for r in rs]),
-                          ("final_reward", [r["final_reward"] for r in rs]),
-                          ("env_steps", [r["env_steps"] for r in rs]),
-                          ("wall_seconds", [r["wall_seconds"] for r in rs])):
-            s[f"{key}_mean"], s[f"{key}_std"] = _mean_std(vals)
-        out[algo] = s
+METRICS = ("return", "metric", "saved_layers")
+
+
+def interval_estimates(rows: list[dict], split: str, reps: int = 2000, seed: int = 0) -> dict:
+    """IQM and 95% stratified-bootstrap CI over seeds of each algorithm's test return, metric, saved layers (rliable)."""
+    from rliable import library as rly
+    from rliable import metrics as rm
+
+    out: dict = {}
+    algos = list(dict.fromkeys(r["algo"] for r in rows if split in r))
+    for key in METRICS:
+        scores = {a: np.array([[r[split][key]] for r in rows if r["algo"] == a and split in r], dtype=float)
+                  for a in algos}
+        point, ci = rly.get_interval_estimates(scores, lambda x: np.array([rm.aggregate_iqm(x)]), reps=reps,
+                                               random_state=np.random.RandomState(seed))
+        for a in algos:
+            out.setdefault(a, {})[key] = {"iqm": float(point[a][0]), "ci95": [float(ci[a][0, 0]), float(ci[a][1, 0])],
+                                          "n": int(scores[a].shape[0])}
     return out
 
 
-def format_table(summary: dict, reference: dict, metric_name: str) -> str:
-    head = f"{'algo':<11} {'dev ' + metric_name:>16} {'saved layers':>16} {'final reward':>17} {'env steps':>10} {'wall s':>7}"
-    lines = [head, "-" * len(head)]
+def format_table(iqm: dict, reference: dict, metric_name: str, split: str, rows: list[dict]) -> str:
+    """IQM [95% CI] over seeds per algorithm on one test split, with the full-depth model and the oracle."""
+    def cell(d: dict, scale: float, fmt: str) -> str:
+        lo, hi = d["ci95"]
+        return f"{scale * d['iqm']:{fmt}} [{scale * lo:{fmt}}, {scale * hi:{fmt}}]"
+
+    head = (f"| {split}: algo | seeds | test return | test {metric_name} | saved layers | env steps | wall s / run |\n"
+            "|---|---|---|---|---|---|---|")
+    lines = [head]
     for name, r in reference.items():
-        lines.append(f"{name:<11} {100 * r['metric']:>10.1f}       {100 * r['saved_layers']:>10.1f}%")
-    for algo, s in summary.items():
-        lines.append(
-            f"{algo:<11} {100 * s['dev_metric_mean']:>8.1f} ± {100 * s['dev_metric_std']:<5.1f}"
-            f" {100 * s['dev_saved_layers_mean']:>8.1f}% ± {100 * s['dev_saved_layers_std']:<4.1f}"
-            f" {s['final_reward_mean']:>8.3f} ± {s['final_reward_std']:<6.3f}"
-            f" {s['env_steps_mean']:>10,.0f} {s['wall_seconds_mean']:>7.1f}")
+        lines.append(f"| {name} | | {r['return']:.3f} | {100 * r['metric']:.1f} | {100 * r['saved_layers']:.1f}% | | |")
+    for algo, d in iqm.items():
+        rs = [r for r in rows if r["algo"] == algo]
+        lines.append(f"| {algo} | {d['metric']['n']} | {cell(d['return'], 1, '.3f')} | {cell(d['metric'], 100, '.1f')} | "
+                     f"{cell(d['saved_layers'], 100, '.1f')}% | {np.mean([r['env_steps'] for r in rs]):,.0f} | "
+                     f"{np.mean([r['wall_seconds'] for r in rs]):.0f} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], reference: dict, metric_name: str, title: str, path: Path) -> None:
+def plot(rows: list[dict], reference: dict, metric_name: str, title: str, path: Path, iqm: dict, split: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    from backbones.files import write_with
+
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(17, 4.5))
     algos = list(dict.fromkeys(r["algo"] for r in rows))
     colors = {a: f"C{i}" for i, a in enumerate(algos)}
     xmax = max((c[-1][0] for r in rows if (c := r["reward_curve"])), default=1.0)
@@ -159,25 +192,32 @@ def plot(rows: list[dict], reference: dict, metric_name: str, title: str, path: 
     ax1.set_title("training reward (mean over seeds)")
     ax1.legend()
     ax1.grid(alpha=0.3)
+    for i, algo in enumerate(iqm):
+        d = iqm[algo]["return"]
+        ax3.errorbar([d["iqm"]], [i], xerr=[[d["iqm"] - d["ci95"][0]], [d["ci95"][1] - d["iqm"]]], fmt="o",
+                     color=colors[algo], capsize=4)
+    ax3.axvline(reference["full-depth"]["return"], color="k", lw=0.8, ls="--", label="full depth")
+    ax3.set_yticks(range(len(iqm)), list(iqm))
+    ax3.set_xlabel(f"{split} return (mean exit reward)")
+    ax3.set_title("IQM over seeds, 95% bootstrap CI (rliable)")
+    ax3.legend(fontsize=7)
+    ax3.grid(alpha=0.3)
     marks = {"full-depth": ("k", "*"), "oracle": ("gray", "P")}
     for name, r in reference.items():
         c, mk = marks.get(name, ("k", "x"))
         ax2.scatter([100 * r["saved_layers"]], [100 * r["metric"]], color=c, marker=mk, s=160, label=name, zorder=1)
     for i, algo in enumerate(algos):
-        pts = [(100 * r["dev"]["saved_layers"], 100 * r["dev"]["metric"]) for r in rows if r["algo"] == algo]
+        pts = [(100 * r[split]["saved_layers"], 100 * r[split]["metric"]) for r in rows if r["algo"] == algo]
         ax2.scatter(*zip(*pts), color=colors[algo], marker="osD^v<>"[i % 7], label=algo, alpha=0.75, zorder=3)
     ax2.set_xlabel("saved layers (%)")
-    ax2.set_ylabel(f"dev {metric_name} (%)")
-    ax2.set_title("dev quality vs speed (one point per seed)")
+    ax2.set_ylabel(f"{split} {metric_name} (%)")
+    ax2.set_title(f"{split} quality vs speed (one point per seed)")
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def compare(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
@@ -190,8 +230,7 @@ def compare(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         raise ValueError("--seeds and --budget must be >= 1")
     gym.spec(args.env)  # a clear error for an unknown env id
     if caches is None:
-        caches = reinforce.make_caches(reinforce.Args(env=args.env, seed=0, checkpoint=args.checkpoint,
-                                                      data_dir=args.data_dir))
+        caches = reinforce.make_caches(args)
     out_dir = runs_dir() / "compare" / (args.name or args.env.split("/")[-1])
     rows = []
     for algo in algos:
@@ -202,28 +241,44 @@ def compare(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
             if not args.quiet:
                 r = rows[-1]
                 print(f"[compare] {algo} seed {seed}: dev {100 * r['dev']['metric']:.1f} saved "
-                      f"{100 * r['dev']['saved_layers']:.1f}% in {r['wall_seconds']:.0f} s", flush=True)
+                      f"{100 * r['dev']['saved_layers']:.1f}% return {r['dev']['return']:.3f} "
+                      f"in {r['wall_seconds']:.0f} s", flush=True)
     L = caches["train"].num_layers
-    reference = {"full-depth": evaluate(StaticExit(L), caches["dev"]).to_dict(),
-                 "oracle": evaluate(OracleExit(), caches["dev"]).to_dict()}
-    metric_name = reference["full-depth"]["metric_name"]
-    summary = summarise(rows)
+    splits = [s for s in ("dev", "test") if s in caches and caches[s].has_labels]
+    reference, iqm, tables = {}, {}, []
+    for split in splits:
+        reference[split] = {}
+        for name, pol in (("full-depth", StaticExit(L)), ("oracle", OracleExit())):
+            reference[split][name] = {**evaluate(pol, caches[split]).to_dict(),
+                                      "return": test_return(pol, caches[split], args)}
+        iqm[split] = interval_estimates(rows, split, seed=0)
+    metric_name = reference["dev"]["full-depth"]["metric_name"]
+    for split in splits:
+        tables.append(format_table(iqm[split], reference[split], metric_name, split, rows))
+    table = "\n\n".join(tables)
     results = {"args": asdict(args), "env": args.env, "budget": args.budget, "num_layers": L,
-               "metric_name": metric_name, "reference": {"dev": reference}, "summary": summary, "runs": rows}
+               "train_split": caches["train"].split, "train_instances": caches["train"].num_instances,
+               "metric_name": metric_name, "reference": reference, "iqm": iqm, "runs": rows, "table": table}
     write_json(out_dir / "results.json", results)
-    plot(rows, reference, metric_name, f"{args.env}: {args.reward} reward, alpha={args.alpha:g}, budget {args.budget:,} "
-         f"env steps", out_dir / "compare.png")
-    table = format_table(summary, reference, metric_name)
+    split = splits[-1]
+    plot(rows, reference[split], metric_name, f"{args.env}: {args.obs} obs, {args.reward} reward, alpha={args.alpha:g}, "
+         f"{args.seeds} seeds, {args.budget:,} env steps each, learned on {caches['train'].split}",
+         out_dir / "compare.png", iqm[split], split)
     print(table)
     if not args.quiet:
         print(f"\nresults.json and compare.png: {out_dir}")
-    results["table"], results["out_dir"] = table, out_dir
+    results["out_dir"] = out_dir
     return results
 
 
 def parse_args(argv=None) -> Args:
-    return parse_dataclass_args(Args, argv, __doc__)
+    return parse(Args, argv, __doc__)
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> dict:
+    return compare(parse_args(argv))
 
 
 if __name__ == "__main__":
-    compare(parse_args())
+    main()

@@ -88,16 +88,27 @@ def test_compare_writes_table_json_and_png(caches, tmp_path, monkeypatch):
     from agents.compare import Args, compare
 
     monkeypatch.setenv("CEE_RUNS_DIR", str(tmp_path))
-    out = compare(Args(env="cee/Synthetic-v0", algos="reinforce,ppo", seeds=1, budget=3_000, reward="vanilla",
+    out = compare(Args(env="cee/Synthetic-v0", algos="reinforce,ppo", seeds=2, budget=3_000, reward="vanilla",
                        alpha=0.3, n_envs=4, quiet=True), caches)
     d = tmp_path / "compare" / "Synthetic-v0"
     assert (d / "compare.png").stat().st_size > 1000
     res = json.loads((d / "results.json").read_text())
-    assert [(r["algo"], r["seed"]) for r in res["runs"]] == [("reinforce", 0), ("ppo", 0)]
-    assert set(res["summary"]) == {"reinforce", "ppo"}
+    assert [(r["algo"], r["seed"]) for r in res["runs"]] == [("reinforce", 0), ("reinforce", 1), ("ppo", 0), ("ppo", 1)]
+    assert set(res["iqm"]["dev"]) == {"reinforce", "ppo"}
     assert set(res["reference"]["dev"]) == {"full-depth", "oracle"}
     for r in res["runs"]:
         assert r["env_steps"] > 0 and r["reward_curve"] and 0 <= r["dev"]["metric"] <= 1
+    for algo, d in res["iqm"]["dev"].items():  # IQM inside its CI, and of 2 seeds the IQM is their mean
+        runs = [r["dev"] for r in res["runs"] if r["algo"] == algo]
+        for key in ("return", "metric", "saved_layers"):
+            lo, hi = d[key]["ci95"]
+            assert lo - 1e-9 <= d[key]["iqm"] <= hi + 1e-9 and d[key]["n"] == 2
+            assert d[key]["iqm"] == pytest.approx(np.mean([r[key] for r in runs]))
+    # the test return is the mean exit reward of the greedy rule: the full-depth one is the mean of the last column
+    from cee_env.env import EpisodeTables
+
+    t = EpisodeTables.build(caches["dev"], "vanilla", 0.3, "state", 50.0, None)
+    assert res["reference"]["dev"]["full-depth"]["return"] == pytest.approx(t.reward[:, -1].mean())
     rf = res["runs"][0]
     # REINFORCE stops at the budget: at most one update (32 instances x 8 trajectories x L steps) past it.
     assert 3_000 <= rf["env_steps"] < 3_000 + 32 * 8 * caches["train"].num_layers
