@@ -76,7 +76,8 @@ class Args:
     seed: int = 0
     """random seed"""
     train_split: str = "calib"
-    """what the policy learns on: calib (rows the backbone never saw) or train (the rows it was fitted on, the paper)"""
+    """what the policy learns on: calib (rows the backbone never saw), calib-a (half of it: the other half is left
+    for agents.calibrate) or train (the rows the backbone was fitted on, the paper)"""
     protocol: str | None = None
     """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
     task_file: str | None = None
@@ -105,8 +106,8 @@ def make_caches(args) -> dict[str, LayerCache]:
     with the fields env, train_split, protocol, checkpoint, data_dir, test_file, seed."""
     task = cee_env.env_task(args.env)
     split = getattr(args, "train_split", "calib")
-    if split not in ("calib", "train"):
-        raise ValueError(f"--train-split must be calib or train; got {split!r}")
+    if split not in ("calib", "calib-a", "calib-b", "train"):
+        raise ValueError(f"--train-split must be calib, calib-a, calib-b (a half of calib) or train; got {split!r}")
     if task.lower() == "synthetic":
         from cee_env.synthetic import make_synthetic_cache
 

@@ -137,6 +137,7 @@ class SB3Exit(ExitPolicy):
         self.name = name or f"sb3-{type(model).__name__.lower()}"
         self.obs = obs
         self.needs_states = uses_states(obs)
+        self.threshold: float | None = None  # None: the greedy action; else exit when exit_probs > threshold
 
     @classmethod
     def from_vec_env(cls, model: BaseAlgorithm, vec_env, num_layers: int, obs_bound: float,
@@ -160,6 +161,8 @@ class SB3Exit(ExitPolicy):
         return out.astype(np.float32)
 
     def exit_at_layer(self, l, states, log_probs):
+        if self.threshold is not None:
+            return self.exit_probs(states, log_probs)[:, l] > self.threshold
         obs = self.normalize(self.env_observations(states, log_probs)[:, l])
         actions, _ = self.model.predict(obs, deterministic=True)
         return np.asarray(actions).reshape(-1) == EXIT

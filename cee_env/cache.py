@@ -188,7 +188,8 @@ def build_cache(model, tokenizer, ds, *, task: str, split: str, label_names, met
                       fingerprint=fingerprint_, meta=dict(meta or {}))
 
 
-SPLITS = ("train", "calib", "dev", "test")
+SPLITS = ("train", "calib", "calib-a", "calib-b", "dev", "test")
+CALIB_HALVES = ("calib-a", "calib-b")
 
 
 def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | None = None,
@@ -198,7 +199,8 @@ def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | N
     """The layer cache of ``task``/``split`` under a stage-1 checkpoint, built on first use.
 
     Splits: ``train`` (the rows the checkpoint was fitted on), ``calib`` (rows it never
-    saw: see :mod:`backbones.protocol`), ``dev``, ``test`` (``test_file``). ``checkpoint``
+    saw: see :mod:`backbones.protocol`) and its two fixed halves ``calib-a`` / ``calib-b``
+    (:func:`calib_half`), ``dev``, ``test`` (``test_file``). ``checkpoint``
     defaults to the task's deployed checkpoint under ``protocol`` (trained if missing;
     :func:`deployed_checkpoint`). ``data_file`` reads the split from another file. Caches
     live in ``runs/cache/<task>/`` keyed by a fingerprint of the checkpoint's weights, the
@@ -212,6 +214,8 @@ def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | N
     ckpt = Path(checkpoint) if checkpoint else deployed_checkpoint(spec.name, protocol, data_dir)
     if split == "calib":
         return _calib_cache(spec, ckpt, data_dir, data_file, rebuild, batch_size, verbose)
+    if split in CALIB_HALVES:
+        return calib_half(_calib_cache(spec, ckpt, data_dir, data_file, rebuild, batch_size, verbose), split)
     tc = _train_config(ckpt)
     if split == "train":
         path = data_file or tc.get("train_file")
@@ -223,6 +227,20 @@ def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | N
         rows = None
     return _layer_pass(spec, ckpt, split, ds, rows, _data_id(spec, split, data_dir, path),
                        rebuild, batch_size, verbose)
+
+
+def calib_half(cache: LayerCache, half: str) -> LayerCache:
+    """One of two fixed stratified halves of a calib cache (``calib-a`` / ``calib-b``): a policy can learn
+    on one half and be calibrated (``agents.calibrate``) on the other, which it never saw."""
+    from backbones.protocol import fold_ids
+
+    if half not in CALIB_HALVES:
+        raise ValueError(f"half must be one of {CALIB_HALVES}; got {half!r}")
+    rows = np.flatnonzero(fold_ids(np.asarray(cache.labels), 2, 0) == CALIB_HALVES.index(half))
+    meta = {**cache.meta, "rows_of_calib": rows.tolist()}
+    return LayerCache(states=np.ascontiguousarray(cache.states[rows]), log_probs=np.ascontiguousarray(cache.log_probs[rows]),
+                      labels=np.asarray(cache.labels)[rows], task=cache.task, split=half, label_names=cache.label_names,
+                      metric=cache.metric, fingerprint=f"{cache.fingerprint}-{half}", meta=meta)
 
 
 def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | None = None) -> Path:

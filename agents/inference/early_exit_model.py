@@ -26,6 +26,7 @@ denominator computed once per batch, the same operations as ``model.pool`` /
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -131,7 +132,8 @@ class EarlyExitClassifier:
 
         Runs of ``agents.reinforce`` (``policy.safetensors`` + ``policy.json``: a
         :class:`LearnedExit`, exit when pi > ``threshold``, default policy.json's
-        ``threshold`` or 0.5, the paper's rule) and of ``agents.sb3``
+        ``threshold``, else the threshold of a ``calibration.json`` written by ``agents.calibrate``,
+        else 0.5, the paper's rule) and of ``agents.sb3``
         (``sb3_policy.safetensors`` + ``sb3_policy.json``: an ``SB3Exit``) are understood;
         weights are checked against the sha256 their JSON records. An older SB3 run with
         only a pickled ``model.zip`` is refused unless ``trust_pickle``. The backbone is
@@ -139,27 +141,8 @@ class EarlyExitClassifier:
         the runs directory when written inside it), else the default stage-1 checkpoint
         of its ``task`` key.
         """
-        from backbones.files import read_json
-
         run = Path(run_dir)
-        if not run.is_dir():
-            raise FileNotFoundError(f"policy run directory not found: {run}")
-        fix = f"the policy run {run} cannot be trusted: train it again or restore the folder from a copy"
-        if (run / "policy.json").is_file() or not (run / "sb3_policy.json").is_file():
-            for f in ("policy.json", "policy.safetensors"):
-                if not (run / f).is_file():
-                    raise FileNotFoundError(f"{run} is not a policy run: {f} is missing "
-                                            "(or sb3_policy.json + sb3_policy.safetensors for an SB3 run)")
-            meta = read_json(run / "policy.json", fix)
-            thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
-            policy = LearnedExit(LayerMLPPolicy.load(run), thr, name=str(meta.get("name", "consistentee")))
-        else:
-            if threshold is not None:
-                raise ValueError("threshold applies to LayerMLPPolicy runs (policy.json), not to SB3 runs")
-            from agents.sb3 import SB3Exit
-
-            meta = read_json(run / "sb3_policy.json", fix)
-            policy = SB3Exit.load(run, trust_pickle=trust_pickle)
+        policy, meta = load_policy(run, threshold, trust_pickle)
         ckpt = Path(checkpoint) if checkpoint is not None else resolve_policy_checkpoint(run, meta)
         return cls.from_checkpoint(ckpt, policy, **kw)
 
@@ -343,3 +326,36 @@ def resolve_policy_checkpoint(run: Path, meta: dict) -> Path:
                                 f"checkpoint {p} is not trained; pass checkpoint=... / --checkpoint")
     raise FileNotFoundError(f"{run}'s JSON names neither a checkpoint nor a task; "
                             "pass the backbone explicitly (checkpoint=... / --checkpoint)")
+
+
+def load_policy(run: Path, threshold: float | None = None, trust_pickle: bool = False) -> tuple[ExitPolicy, dict]:
+    """The exit policy of a run folder and its JSON record (see :meth:`EarlyExitClassifier.from_run`).
+
+    The exit threshold is ``threshold`` if given, else the one ``agents.calibrate`` chose
+    (``calibration.json``: a risk-controlled knob), else policy.json's, else 0.5.
+    """
+    from backbones.files import read_json
+
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"policy run directory not found: {run}")
+    fix = f"the policy run {run} cannot be trusted: train it again or restore the folder from a copy"
+    if threshold is None and (run / "calibration.json").is_file():
+        cal = read_json(run / "calibration.json", f"delete {run / 'calibration.json'} or run agents.calibrate again")
+        threshold = cal.get("threshold")
+        print(f"exit threshold {threshold:.6g} from {run / 'calibration.json'} ({cal['risk']} <= {cal['epsilon']:g} "
+              f"with probability >= {1 - cal['delta']:g})", file=sys.stderr)
+    if (run / "policy.json").is_file() or not (run / "sb3_policy.json").is_file():
+        for f in ("policy.json", "policy.safetensors"):
+            if not (run / f).is_file():
+                raise FileNotFoundError(f"{run} is not a policy run: {f} is missing "
+                                        "(or sb3_policy.json + sb3_policy.safetensors for an SB3 run)")
+        meta = read_json(run / "policy.json", fix)
+        thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
+        return LearnedExit(LayerMLPPolicy.load(run), thr, name=str(meta.get("name", "consistentee"))), meta
+    from agents.sb3 import SB3Exit
+
+    meta = read_json(run / "sb3_policy.json", fix)
+    policy = SB3Exit.load(run, trust_pickle=trust_pickle)
+    policy.threshold = None if threshold is None else float(threshold)
+    return policy, meta

@@ -1,0 +1,287 @@
+"""Exits with a guarantee: choose an exit rule's knob by Learn-then-Test (risk control).
+
+    python -m agents.calibrate --run runs/reinforce/<run> --risk consistency --epsilon 0.02 --delta 0.1
+    python -m agents.calibrate --task MCID --rule maxprob --risk accuracy_gap --epsilon 0.01 --delta 0.1
+
+With probability at least 1 - delta over the draw of the calibration set, the chosen
+rule's risk on new data from the same distribution is at most epsilon, where the risk is
+
+- ``consistency``: P(early-exit prediction != full-depth prediction), or
+- ``accuracy_gap``: P(full depth right and early exit wrong).
+
+Procedure (Learn-then-Test, Angelopoulos et al. 2021, as CALM uses it): the knob's values
+are ordered from the most conservative (never exit early) to the most aggressive; for each
+value, the exact binomial p-value of the null "risk > epsilon" given k errors on n
+calibration instances is P(Binom(n, epsilon) <= k) (``scipy.stats.binom``); fixed-sequence
+testing rejects in order and stops at the first value not rejected at level delta; the last
+rejected value is deployed. Several knob paths (e.g. one per policy alpha) share delta by
+Bonferroni, and the most saving of the values that passed is kept.
+
+The calibration rows must be independent of the rule: heuristics calibrate on the whole
+calib split; a learned policy must not have learned on them, so train it on one half of
+calib (``python -m agents.reinforce --train-split calib-a``) and it is calibrated on the
+other (``calib-b``). The choice is saved in the run folder (``calibration.json``), and
+``agents.predict`` / ``EarlyExitClassifier.from_run`` use it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binom
+
+from backbones.cli import UserError, parse, user_errors
+from cee_env.cache import LayerCache
+
+RISKS = ("consistency", "accuracy_gap")
+RULES = ("policy", "maxprob", "entropy", "patience", "static")
+CALIBRATION = "calibration.json"
+
+
+# --------------------------------------------------------------------------- the statistics
+def binom_pvalue(errors: int, n: int, epsilon: float) -> float:
+    """p-value of H0: risk > epsilon after ``errors`` errors in ``n`` draws: P(Binom(n, epsilon) <= errors)."""
+    if n <= 0:
+        return 1.0
+    return float(binom.cdf(int(errors), int(n), float(epsilon)))
+
+
+def fixed_sequence(pvalues: list[float], delta: float) -> int:
+    """Index of the last hypothesis rejected when testing in order at level ``delta``, stopping at the
+    first non-rejection; -1 when the first is not rejected."""
+    last = -1
+    for i, p in enumerate(pvalues):
+        if p > delta:
+            break
+        last = i
+    return last
+
+
+def min_calibration_size(epsilon: float, delta: float) -> int:
+    """The fewest calibration instances with which any value can pass: zero errors give
+    p = (1 - epsilon)^n, which must be <= delta."""
+    return int(math.ceil(math.log(delta) / math.log1p(-epsilon)))
+
+
+def risk_errors(exits: np.ndarray, cache: LayerCache, risk: str) -> np.ndarray:
+    """bool [N]: does exiting at these 0-based layers make an error of this risk on each instance?"""
+    n = cache.num_instances
+    preds = cache.preds
+    at = preds[np.arange(n), exits]
+    if risk == "consistency":
+        return at != preds[:, -1]
+    if risk == "accuracy_gap":
+        y = np.asarray(cache.labels)
+        return (preds[:, -1] == y) & (at != y)
+    raise ValueError(f"unknown risk {risk!r}; expected one of {RISKS}")
+
+
+def exits_at(score: np.ndarray, threshold: float) -> np.ndarray:
+    """0-based exit layer: the first layer whose score is above ``threshold`` (the last layer otherwise)."""
+    m = np.asarray(score) > threshold
+    m[:, -1] = True
+    return m.argmax(1)
+
+
+@dataclass
+class Calibration:
+    """A Learn-then-Test choice (``threshold`` None: no value passed)."""
+
+    threshold: float | None
+    path: int | None  # which knob path it came from (e.g. the index of an alpha)
+    risk: str
+    epsilon: float
+    delta: float
+    n: int
+    errors: int | None  # on the calibration set, at the chosen value
+    empirical_risk: float | None
+    pvalue: float | None
+    saved: float | None  # saved layers on the calibration set at the chosen value
+    tested: int  # knob values tested, over all paths
+    min_n: int  # calibration instances needed for any value to pass
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def learn_then_test(scores: list[np.ndarray], grids: list[list[float]], cache: LayerCache, risk: str,
+                    epsilon: float, delta: float) -> Calibration:
+    """Calibrate score-threshold rules on ``cache``: path j exits at the first layer with ``scores[j] > t``,
+    its grid ``grids[j]`` ordered from conservative to aggressive. Each path is tested by fixed sequence
+    at level delta / len(paths); of the values that pass, the one saving the most calibration layers is kept."""
+    if not (0 < epsilon < 1 and 0 < delta < 1):
+        raise UserError(f"--epsilon and --delta must be in (0, 1); got {epsilon}, {delta}")
+    n, L = cache.num_instances, cache.num_layers
+    level = delta / len(scores)
+    best, tested = None, 0
+    for j, (s, grid) in enumerate(zip(scores, grids)):
+        pv, stats = [], []
+        for t in grid:
+            e = exits_at(s, t)
+            k = int(risk_errors(e, cache, risk).sum())
+            pv.append(binom_pvalue(k, n, epsilon))
+            stats.append((t, k, 1.0 - (e.mean() + 1) / L))
+            tested += 1
+            if pv[-1] > level:
+                break  # fixed sequence: nothing after the first non-rejection is tested
+        i = fixed_sequence(pv, level)
+        if i >= 0 and (best is None or stats[i][2] > best[3] + 1e-12):
+            best = (j, stats[i][0], stats[i][1], stats[i][2], pv[i])
+    m = min_calibration_size(epsilon, level)
+    if best is None:
+        return Calibration(None, None, risk, epsilon, delta, n, None, None, None, None, tested, m)
+    j, t, k, saved, p = best
+    return Calibration(float(t), j, risk, epsilon, delta, n, k, k / n, p, float(saved), tested, m)
+
+
+def conservative_grid(calib_score: np.ndarray, n: int = 200) -> list[float]:
+    """Thresholds from the most conservative down: +inf (never exit early), then the calibration
+    scores' quantiles at layers 1..L-1 from the top down."""
+    v = np.asarray(calib_score[:, :-1], dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    qs = np.unique(np.quantile(v, np.linspace(0, 1, n))) if v.size else np.array([])
+    return [float("inf")] + [float(t) for t in qs[::-1]]
+
+
+# --------------------------------------------------------------------------- rules as scores
+def rule_scores(rule: str, cache: LayerCache, policy=None) -> tuple[np.ndarray, list[float]]:
+    """The score matrix [N, L] of a rule (exit where score > knob) and its knob grid on this cache,
+    conservative first. ``patience`` and ``static`` have their natural integer grids."""
+    from agents.policies.heuristics import max_prob, patience_counters, prediction_entropy
+
+    L = cache.num_layers
+    if rule == "policy":
+        s = policy.exit_probs(cache.states if policy.needs_states else None, cache.log_probs)
+        return s, conservative_grid(s)
+    if rule == "maxprob":
+        s = max_prob(cache.log_probs)
+        return s, conservative_grid(s)
+    if rule == "entropy":
+        s = -prediction_entropy(cache.log_probs)
+        return s, conservative_grid(s)
+    if rule == "patience":
+        return patience_counters(cache.preds).astype(float), [float("inf")] + [p - 0.5 for p in range(L - 1, 0, -1)]
+    if rule == "static":
+        s = np.broadcast_to(np.arange(L, dtype=float), (cache.num_instances, L)).copy()
+        return s, [float("inf")] + [k - 1.5 for k in range(L, 1, -1)]  # exit at layer k: score l = k-1 > k-1.5
+    raise UserError(f"unknown rule {rule!r}; expected one of {RULES}")
+
+
+def knob_value(rule: str, threshold: float) -> str:
+    """The rule's own knob for ``agents.predict --rule`` (entropy thresholds are negated scores)."""
+    if rule == "entropy":
+        return f"entropy:{-threshold:.6g}"
+    if rule == "patience":
+        return f"patience:{int(round(threshold + 0.5))}"
+    if rule == "static":
+        return f"static-{int(round(threshold + 1.5))}"
+    return f"{rule}:{threshold:.6g}"
+
+
+# --------------------------------------------------------------------------- command
+@dataclass
+class Args:
+    run: str | None = None
+    """a policy run folder (agents.reinforce / agents.fqi / agents.sb3) to calibrate"""
+    rule: str = "policy"
+    """policy (with --run) or a heuristic: maxprob, entropy, patience, static (with --task)"""
+    task: str | None = None
+    """task of a heuristic rule (a policy run knows its task)"""
+    task_file: str | None = None
+    """your own task as a TOML/JSON file (instead of --task)"""
+    risk: str = "consistency"
+    """consistency (prediction differs from full depth) or accuracy_gap (full depth right, early exit wrong)"""
+    epsilon: float = 0.02
+    """the risk bound"""
+    delta: float = 0.1
+    """the probability that the bound fails"""
+    cal_split: str | None = None
+    """calibration rows: calib, calib-a or calib-b (default: calib for heuristics, the half of calib a policy did not learn on)"""
+    protocol: str | None = None
+    """how calib rows are obtained (default: the task's)"""
+    checkpoint: str | None = None
+    """stage-1 checkpoint (default: the run's, or the task's deployed one)"""
+    data_dir: str | None = None
+    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
+    trust_pickle: bool = False
+    """allow an old SB3 run saved only as a pickled model.zip (runs its author's code)"""
+    out: str | None = None
+    """where to write calibration.json (default: the run folder, or runs/calibrate/<task>-<rule>-...)"""
+
+
+def calibration_cache(task: str, split: str, checkpoint, protocol, data_dir) -> LayerCache:
+    from cee_env.cache import get_cache
+
+    return get_cache(task, split, checkpoint=checkpoint, protocol=protocol, data_dir=data_dir)
+
+
+def calibrate(args: Args) -> dict:
+    """Run Learn-then-Test for one rule; write and return the calibration record."""
+    from backbones.files import resolve_stored, write_json
+    from backbones.paths import runs_dir
+
+    if args.risk not in RISKS:
+        raise UserError(f"--risk must be one of {', '.join(RISKS)}; got {args.risk!r}")
+    if args.rule not in RULES:
+        raise UserError(f"--rule must be one of {', '.join(RULES)}; got {args.rule!r}")
+    policy, meta, checkpoint, task = None, {}, args.checkpoint, args.task
+    if args.task_file:
+        from backbones.tasks import load_task_file
+
+        task = load_task_file(args.task_file).name
+    if args.rule == "policy":
+        if not args.run:
+            raise UserError("--rule policy needs --run DIR (a trained policy run)")
+        from agents.inference.early_exit_model import load_policy
+
+        policy, meta = load_policy(Path(args.run), trust_pickle=args.trust_pickle)
+        task = task or meta.get("task")
+        if checkpoint is None and meta.get("checkpoint"):
+            checkpoint = str(resolve_stored(meta["checkpoint"]))
+        learned_on = meta.get("train_split", "train")
+        split = args.cal_split or {"calib-a": "calib-b", "calib-b": "calib-a", "train": "calib"}.get(learned_on)
+        if split is None:
+            raise UserError(f"{args.run} learned on all of calib, so no calib rows are left that it never saw; "
+                            "train it with --train-split calib-a (it is then calibrated on calib-b)")
+        if split == learned_on or (learned_on == "calib" and split.startswith("calib")) or (
+                learned_on.startswith("calib-") and split == "calib"):
+            raise UserError(f"the policy learned on {learned_on}; calibrating on {split} would reuse those rows")
+    else:
+        if not task:
+            raise UserError(f"--rule {args.rule} needs --task (or --task-file)")
+        split = args.cal_split or "calib"
+    if not task:
+        raise UserError(f"{args.run}: its policy.json names no task; pass --task")
+    cache = calibration_cache(task, split, checkpoint, args.protocol, args.data_dir)
+    score, grid = rule_scores(args.rule, cache, policy)
+    cal = learn_then_test([score], [grid], cache, args.risk, args.epsilon, args.delta)
+    record = {**cal.to_dict(), "rule": args.rule, "task": task, "cal_split": split,
+              "checkpoint": cache.meta.get("checkpoint"), "run": args.run}
+    if cal.threshold is not None and args.rule != "policy":
+        record["predict_rule"] = knob_value(args.rule, cal.threshold)
+    out = Path(args.out) if args.out else (Path(args.run) if args.run else
+                                           runs_dir() / "calibrate" / f"{task}-{args.rule}-{args.risk}-e{args.epsilon:g}-d{args.delta:g}")
+    if cal.threshold is None:
+        raise UserError(
+            f"no {args.rule} threshold keeps {args.risk} <= {args.epsilon:g} with probability {1 - args.delta:g} on "
+            f"{cal.n} calibration instances ({split}); even zero errors need n >= {cal.min_n} "
+            f"(log(delta)/log(1-epsilon)). Use more calibration data or a larger --epsilon / --delta.")
+    write_json(out / CALIBRATION, record)
+    print(f"{args.rule} on {task}: threshold {cal.threshold:.6g} keeps {args.risk} <= {args.epsilon:g} with "
+          f"probability >= {1 - args.delta:g} (Learn-then-Test on {cal.n} {split} instances: {cal.errors} errors, "
+          f"p = {cal.pvalue:.3g}); it saves {100 * cal.saved:.1f}% of the layers there.")
+    if "predict_rule" in record:
+        print(f"use it: python -m agents.predict --checkpoint {record['checkpoint']} --rule {record['predict_rule']} ...")
+    print(f"written: {out / CALIBRATION}")
+    return record
+
+
+@user_errors
+def main(argv: list[str] | None = None) -> dict:
+    return calibrate(parse(Args, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()
