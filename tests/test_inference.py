@@ -275,8 +275,16 @@ def test_from_sb3_run(tiny, tmp_path):
     ev = evaluate(sb3.SB3Exit.load(run), cache)
     np.testing.assert_array_equal(res.exit_layers, ev.exit_layers)
     np.testing.assert_array_equal(res.label_ids, ev.preds)
-    with pytest.raises(ValueError, match="threshold"):
-        EarlyExitClassifier.from_run(run, threshold=0.3)
+    # a threshold (e.g. chosen by agents.calibrate) replaces the greedy action by pi(Exit) > threshold
+    thr = EarlyExitClassifier.from_run(run, threshold=0.3)
+    res = thr.predict(tiny["ds"]["text_a"], tiny["ds"]["text_b"], batch_size=8)
+    sb = sb3.SB3Exit.load(run)
+    sb.threshold = 0.3
+    np.testing.assert_array_equal(res.exit_layers, evaluate(sb, cache).exit_layers)
+    probs = sb.exit_probs(cache.states, cache.log_probs)
+    expect = (probs > 0.3)
+    expect[:, -1] = True
+    np.testing.assert_array_equal(res.exit_layers, expect.argmax(1) + 1)
 
 
 def test_cli_policy_run_on_task_file(tiny, tmp_path, capsys):
