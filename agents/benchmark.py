@@ -97,6 +97,10 @@ class BenchmarkConfig:
     """write the PNG figures"""
     quiet: bool = False
     """print only the tables"""
+    ltt: tuple[str, ...] = ("consistency:0.02:0.1", "consistency:0.05:0.1", "accuracy_gap:0.02:0.1")
+    """risk-controlled operating points RISK:EPSILON:DELTA (agents.calibrate's Learn-then-Test) for every method"""
+    ltt_resplits: int = 200
+    """calib/test re-splits that check each guarantee (violation frequency must stay <= delta); 0: skip"""
     lte: LTEConfig = field(default_factory=LTEConfig)
     """how the BERxiT exit head is fitted"""
 
@@ -165,11 +169,9 @@ def sweep_heuristics(task: str, caches: dict[str, LayerCache], cfg: BenchmarkCon
 
 def take(cache: LayerCache, idx: np.ndarray) -> LayerCache:
     """The instances ``idx`` of a cache, as a cache of their own."""
-    idx = np.asarray(idx)
-    return LayerCache(states=np.ascontiguousarray(cache.states[idx]), log_probs=np.ascontiguousarray(cache.log_probs[idx]),
-                      labels=np.asarray(cache.labels)[idx], task=cache.task, split=cache.split,
-                      label_names=cache.label_names, metric=cache.metric,
-                      fingerprint=f"{cache.fingerprint}-rows{len(idx)}", meta=dict(cache.meta))
+    from cee_env.cache import take_rows
+
+    return take_rows(cache, idx)
 
 
 def calib_folds(cache: LayerCache, k: int, seed: int) -> list[np.ndarray]:
@@ -180,8 +182,12 @@ def calib_folds(cache: LayerCache, k: int, seed: int) -> list[np.ndarray]:
     return [np.flatnonzero(ids == j) for j in range(k)]
 
 
-def crossfit_scores(fit, caches: dict[str, LayerCache], folds: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """``fit(train_cache, held_cache, j)`` -> score function; out-of-fold scores on calib, fold-mean elsewhere."""
+def crossfit_scores(fit, caches: dict[str, LayerCache], folds: list[np.ndarray],
+                    first_model: dict | None = None) -> dict[str, np.ndarray]:
+    """``fit(train_cache, held_cache, j)`` -> score function; out-of-fold scores on calib, fold-mean elsewhere.
+
+    ``first_model``, if given, receives the scores of model 0 alone (trained without fold 0): on fold 0's
+    calib rows ("calib") and on every other split; risk control calibrates that model on fold 0."""
     calib = caches["calib"]
     out = {s: np.zeros((c.num_instances, c.num_layers)) for s, c in caches.items()}
     for j, held in enumerate(folds):
@@ -190,7 +196,12 @@ def crossfit_scores(fit, caches: dict[str, LayerCache], folds: list[np.ndarray])
         out["calib"][held] = score(take(calib, held))
         for s, c in caches.items():
             if s != "calib":
-                out[s] += score(c) / len(folds)
+                sc = score(c)
+                out[s] += sc / len(folds)
+                if j == 0 and first_model is not None:
+                    first_model[s] = sc
+        if j == 0 and first_model is not None:
+            first_model["calib"] = out["calib"][held].copy()
     return out
 
 
@@ -253,14 +264,18 @@ def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig
     """BERxiT and every learner x alpha, cross-fitted on calib; points of every knob on every split."""
     folds = calib_folds(caches["calib"], cfg.calib_folds, cfg.seed)
     points, timing = [], {}
+    families: dict[str, list[dict]] = {}  # method -> per alpha (knob path) the scores of model 0 (risk control)
     t0 = time.time()
-    s = crossfit_scores(_lte_fitter(cfg), caches, folds)
+    families["berxit"] = [{}]
+    s = crossfit_scores(_lte_fitter(cfg), caches, folds, families["berxit"][0])
     points += score_points(task, "berxit", s, caches, [({"threshold": t}, t) for t in threshold_grid(s["calib"], cfg.grid)])
     timing["berxit_s"] = round(time.time() - t0, 1)
     for spec in cfg.learners:
         t0 = time.time()
+        families[spec] = []
         for alpha in cfg.alphas:
-            s = crossfit_scores(_policy_fitter(task, spec, alpha, cfg), caches, folds)
+            families[spec].append({"alpha": alpha})
+            s = crossfit_scores(_policy_fitter(task, spec, alpha, cfg), caches, folds, families[spec][-1])
             thr = threshold_grid(s["calib"], cfg.grid, fixed=(0.5,))
             points += score_points(task, spec, s, caches, [({"alpha": alpha, "threshold": t}, t) for t in thr])
             points += score_points(task, spec + "+paper", s, caches, [({"alpha": alpha}, 0.5)])
@@ -270,7 +285,7 @@ def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig
         cal = choose([p for p in points if p["method"] == spec and p["split"] == "calib"], ref, cfg.max_drop)
         log(f"  [{task}] {spec}: {len(cfg.alphas)} alphas x {cfg.calib_folds} folds in {timing[f'{spec}_s']:.0f} s; "
             f"calib <=1 pt: {_describe(cal)}")
-    return points, timing
+    return points, timing, families, folds[0]
 
 
 def _describe(p: dict | None) -> str:
@@ -481,6 +496,96 @@ def plot_ablation(points: list[dict], tasks: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- risk control
+def parse_setting(setting: str) -> tuple[str, float, float]:
+    from agents.calibrate import RISKS
+
+    parts = setting.split(":")
+    try:
+        risk, eps, delta = parts[0], float(parts[1]), float(parts[2])
+    except (IndexError, ValueError):
+        raise ValueError(f"--ltt expects RISK:EPSILON:DELTA; got {setting!r}") from None
+    if risk not in RISKS or not (0 < eps < 1 and 0 < delta < 1) or len(parts) != 3:
+        raise ValueError(f"--ltt expects RISK:EPSILON:DELTA with RISK in {RISKS} and EPSILON, DELTA in (0, 1); "
+                         f"got {setting!r}")
+    return risk, eps, delta
+
+
+def setting_label(setting: str) -> str:
+    risk, eps, delta = parse_setting(setting)
+    return f"{risk.replace('_', ' ')} <= {eps:g} with probability >= {1 - delta:g}"
+
+
+def _concat(a: LayerCache, b: LayerCache) -> LayerCache:
+    return LayerCache(states=np.concatenate([a.states, b.states]), log_probs=np.concatenate([a.log_probs, b.log_probs]),
+                      labels=np.concatenate([a.labels, b.labels]), task=a.task, split="pool",
+                      label_names=a.label_names, metric=a.metric)
+
+
+def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]], fold0: np.ndarray,
+                 cfg: BenchmarkConfig) -> dict:
+    """Per setting and method: the Learn-then-Test knob on calib, its test risk / score / saved layers, and
+    the re-split check of the guarantee. Heuristics calibrate on all of calib; a learned method calibrates
+    its model 0 (which never saw fold 0) on fold 0, one knob path per alpha (Bonferroni)."""
+    from agents.calibrate import conservative_grid, learn_then_test, resplit_validation, risk_errors, rule_scores
+
+    calib = caches["calib"]
+    methods: dict[str, tuple[LayerCache, list[dict]]] = {}
+    for rule, name in (("static", "static"), ("entropy", "deebert"), ("maxprob", "maxprob"), ("patience", "pabee")):
+        fam = {split: rule_scores(rule, c)[0] for split, c in caches.items()}
+        methods[name] = (calib, [fam], rule)
+    cal0 = take(calib, fold0)
+    for name, fam in families.items():
+        methods[name] = (cal0, fam, None)
+    out: dict = {}
+    for setting in cfg.ltt:
+        risk, eps, delta = parse_setting(setting)
+        res = out[setting] = {}
+        for name, (cal, fam, rule) in methods.items():
+            cal_scores = [f["calib"] for f in fam]
+            grids = [rule_scores(rule, cal)[1] if rule in ("static", "patience") else conservative_grid(sc)
+                     for sc in cal_scores]
+            c = learn_then_test(cal_scores, grids, cal, risk, eps, delta)
+            row = {"calibration": c.to_dict(), "alpha": None if c.path is None else fam[c.path].get("alpha")}
+            for split, cache in caches.items():
+                if split == "calib":
+                    continue
+                e = (np.full(cache.num_instances, cache.num_layers - 1) if c.threshold is None
+                     else exits_at(fam[c.path][split], c.threshold))
+                r = score_exits(e, cache, name)
+                row[split] = {"risk": float(risk_errors(e, cache, risk).mean()), "metric": r.metric,
+                              "saved": r.saved_layers, "n": r.n}
+            if cfg.ltt_resplits:
+                pool = _concat(cal, caches["dev"])
+                scores = [np.concatenate([f["calib"], f["dev"]]) for f in fam]
+                row["validation"] = resplit_validation(scores, pool, cal.num_instances, risk, eps, delta,
+                                                       cfg.ltt_resplits, cfg.seed)
+            res[name] = row
+    return out
+
+
+def risk_table(risk: dict, tasks: list[str], setting: str, reps: int) -> str:
+    lines = ["| method | " + " | ".join(f"{t}: dev risk, saved" + (", violations" if reps else "") for t in tasks)
+             + " |", "|---" * (len(tasks) + 1) + "|"]
+    methods = list(dict.fromkeys(m for t in tasks for m in risk[t][setting]))
+    for m in methods:
+        cells = []
+        for t in tasks:
+            row = risk[t][setting].get(m)
+            if row is None:
+                cells.append("-")
+                continue
+            if row["calibration"]["threshold"] is None:
+                cells.append(f"none passed (calib n={row['calibration']['n']}, needs >= {row['calibration']['min_n']})")
+                continue
+            d = row["dev"]
+            v = row.get("validation")
+            cells.append(f"{100 * d['risk']:.1f}%, {100 * d['saved']:.0f}%"
+                         + (f", {100 * v['violation_frequency']:.1f}% of {v['reps']}" if v else ""))
+        lines.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- driver
 def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: BenchmarkConfig | None = None,
                   timings: dict[str, dict] | None = None) -> dict:
@@ -495,6 +600,7 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
     log = (lambda m: None) if cfg.quiet else (lambda m: print(m, flush=True))
     timings = {t: dict(v) for t, v in (timings or {}).items()}
     points: list[dict] = []
+    risk: dict[str, dict] = {}
     tasks = list(caches_by_task)
     for task, caches in caches_by_task.items():
         for need in ("calib", "dev"):
@@ -509,9 +615,12 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
             + ", ".join(f"{s} n={c.num_instances}" for s, c in caches.items()) + ")")
         points += sweep_heuristics(task, caches, cfg)
         tm["heuristics_s"] = round(time.time() - t0, 1)
-        learned_points, tl = sweep_learned(task, caches, cfg, log)
+        learned_points, tl, families, cal_rows = sweep_learned(task, caches, cfg, log)
         points += learned_points
         tm.update(tl)
+        t0 = time.time()
+        risk[task] = risk_control(caches, families, cal_rows, cfg)
+        tm["risk_control_s"] = round(time.time() - t0, 1)
     ops = {t: operating_points(points, t, cfg.max_drop) for t in tasks}
     learned = ["berxit"] + [m for s in cfg.learners for m in (s, s + "+paper")]
     rl_learned = [m for s in cfg.learners for m in (s, s + "+paper")]
@@ -528,6 +637,9 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
             tbl = markdown_table(ops, tasks, split, op)
             if tbl:
                 md += [f"## {SPLIT_NOTE.get(split, split)}, operating point '{tag}'", "", tbl, ""]
+    for setting in cfg.ltt:
+        md += [f"## Risk control: {setting_label(setting)}, chosen by Learn-then-Test on calib", "",
+               risk_table(risk, tasks, setting, cfg.ltt_resplits), ""]
     markdown = "\n".join(md)
     files = {"table": out_dir / "table.md", "results": out_dir / "results.json"}
     write_text(files["table"], markdown)
@@ -538,7 +650,7 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
         if any(s.startswith("reinforce:state:") for s in cfg.learners):
             files["ablation"] = out_dir / "fig4_reward_ablation.png"
             plot_ablation(points, tasks, files["ablation"])
-    result = {"config": asdict(cfg), "timing": timings, "operating_points": ops, "headline": heads,
+    result = {"config": asdict(cfg), "timing": timings, "operating_points": ops, "headline": heads, "risk_control": risk,
               "learned_methods": learned, "points": points, "files": {k: str(v) for k, v in files.items()}}
     write_json(files["results"], result)
     result["markdown"] = markdown
@@ -592,6 +704,10 @@ def check(cfg: BenchmarkConfig) -> None:
         raise UserError("--epochs and --threads must be >= 1, --grid >= 2")
     for s in cfg.learners:
         parse_learner(s)
+    for s in cfg.ltt:
+        parse_setting(s)
+    if cfg.ltt_resplits < 0:
+        raise UserError(f"--ltt-resplits must be >= 0; got {cfg.ltt_resplits}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -285,3 +285,35 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- checking the guarantee
+def resplit_validation(scores: list[np.ndarray], pool: LayerCache, n_cal: int, risk: str, epsilon: float,
+                       delta: float, reps: int = 200, seed: int = 0) -> dict:
+    """Draw ``reps`` random calibration/test re-splits of ``pool`` (``n_cal`` calibration rows), calibrate
+    on each (grids from the calibration part's scores) and measure the test part's risk. A violation is a
+    test risk above epsilon; Learn-then-Test promises a violation frequency <= delta (up to the test part's
+    own sampling noise). Returns the frequency, how often no value passed, and the mean test saved layers."""
+    from cee_env.cache import take_rows as take
+
+    rng = np.random.default_rng(seed)
+    n = pool.num_instances
+    viol, refused, saved, risks = 0, 0, [], []
+    for _ in range(reps):
+        perm = rng.permutation(n)
+        cal_idx, test_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
+        cal_c, test_c = take(pool, cal_idx), take(pool, test_idx)
+        cs = [s[cal_idx] for s in scores]
+        c = learn_then_test(cs, [conservative_grid(s) for s in cs], cal_c, risk, epsilon, delta)
+        if c.threshold is None:
+            refused += 1
+            e = np.full(len(test_idx), pool.num_layers - 1)  # no guarantee possible: full depth, no risk
+        else:
+            e = exits_at(scores[c.path][test_idx], c.threshold)
+        r = float(risk_errors(e, test_c, risk).mean())
+        risks.append(r)
+        viol += r > epsilon
+        saved.append(1.0 - (e.mean() + 1) / pool.num_layers)
+    return {"risk": risk, "epsilon": epsilon, "delta": delta, "reps": reps, "n_cal": n_cal, "n_test": n - n_cal,
+            "violation_frequency": viol / reps, "refused_frequency": refused / reps,
+            "mean_test_risk": float(np.mean(risks)), "mean_test_saved": float(np.mean(saved))}

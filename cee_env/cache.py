@@ -237,10 +237,17 @@ def calib_half(cache: LayerCache, half: str) -> LayerCache:
     if half not in CALIB_HALVES:
         raise ValueError(f"half must be one of {CALIB_HALVES}; got {half!r}")
     rows = np.flatnonzero(fold_ids(np.asarray(cache.labels), 2, 0) == CALIB_HALVES.index(half))
-    meta = {**cache.meta, "rows_of_calib": rows.tolist()}
+    return take_rows(cache, rows, half)
+
+
+def take_rows(cache: LayerCache, rows: np.ndarray, split: str | None = None) -> LayerCache:
+    """The instances ``rows`` of a cache as a cache of their own (in memory), named ``split``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    digest = hashlib.sha256(rows.tobytes()).hexdigest()[:12]
     return LayerCache(states=np.ascontiguousarray(cache.states[rows]), log_probs=np.ascontiguousarray(cache.log_probs[rows]),
-                      labels=np.asarray(cache.labels)[rows], task=cache.task, split=half, label_names=cache.label_names,
-                      metric=cache.metric, fingerprint=f"{cache.fingerprint}-{half}", meta=meta)
+                      labels=np.asarray(cache.labels)[rows], task=cache.task, split=split or cache.split,
+                      label_names=cache.label_names, metric=cache.metric,
+                      fingerprint=f"{cache.fingerprint}-rows-{digest}", meta={**cache.meta, "rows_of": rows.tolist()})
 
 
 def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | None = None) -> Path:

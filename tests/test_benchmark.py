@@ -112,7 +112,15 @@ def test_run_benchmark_end_to_end(tmp_runs, tmp_path):
         h = res["headline"][t]
         assert h["heuristic"]["method"] in ("static", "deebert", "maxprob", "pabee")
         assert h["learned"]["method"] in data["learned_methods"] and h["learned"]["method"] != "berxit"
+    rc = data["risk_control"]["SynA"]["consistency:0.02:0.1"]
+    assert set(rc) >= {"static", "maxprob", "berxit", "reinforce:confidence:consistency"}
+    for m, row in rc.items():
+        if row["calibration"]["threshold"] is not None:
+            assert row["calibration"]["pvalue"] <= 0.1 / max(1, len(data["config"]["alphas"]) if ":" in m else 1) + 1e-12
+        assert 0 <= row["validation"]["violation_frequency"] <= 1 and row["validation"]["reps"] == 200
+    assert rc["reinforce:confidence:consistency"]["alpha"] in (0.05, 0.2, None)
     md = (out / "table.md").read_text()
+    assert "## Risk control: consistency <= 0.02 with probability >= 0.9" in md
     assert "## Headline" in md and "| SynA | test |" in md and "| SynA | dev |" in md and "never read while choosing" in md
 
 
