@@ -105,11 +105,15 @@ class EarlyExitClassifier:
         self.label_names = names if names else tuple(str(i) for i in range(model.config.num_labels))
         net = getattr(policy, "net", None)
         if isinstance(net, LayerMLPPolicy):
+            from cee_env.observations import obs_size
+
             hidden = model.encoder.config.hidden_size
-            if net.num_layers != self.num_layers or net.state_dim != hidden:
+            want = obs_size(net.features, hidden, self.num_layers, model.config.num_labels)
+            if net.num_layers != self.num_layers or net.state_dim != want:
                 raise ValueError(
-                    f"policy expects {net.num_layers} layers with states of size {net.state_dim}; "
-                    f"the backbone has {self.num_layers} layers of size {hidden}"
+                    f"policy expects {net.num_layers} layers and {net.features!r} observations of size "
+                    f"{net.state_dim}; this backbone ({self.num_layers} layers of size {hidden}, "
+                    f"{model.config.num_labels} classes) gives size {want}"
                 )
 
     # ------------------------------------------------------------------ building
