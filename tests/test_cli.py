@@ -25,6 +25,12 @@ ENTRY_POINTS = [
     ("benchmarks.env_throughput", "Args"),
     ("benchmarks.inference_speed", "Args"),
     ("benchmarks.llm_speed", "Args"),
+    ("agents.reinforce", "Args"),
+    ("agents.sb3", "Args"),
+    ("agents.fqi", "Args"),
+    ("agents.compare", "Args"),
+    ("agents.benchmark", "BenchmarkConfig"),
+    ("agents.calibrate", "Args"),
 ]
 
 
@@ -164,3 +170,27 @@ def test_user_errors_before_any_model_loads(module, argv, line, capsys, monkeypa
         importlib.import_module(module).main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--alpha", "nan"], "--alpha must be a finite number >= 0"),
+    (["--alpha", "inf"], "--alpha must be a finite number >= 0"),
+    (["--alpha", "-0.1"], "--alpha must be a finite number >= 0"),
+    (["--k", "1"], "--k must be >= 2"),
+    (["--k", "0"], "--k must be >= 2"),
+    (["--total-env-steps", "0"], "--total-env-steps must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--train-split", "dev"], "--train-split must be calib"),
+])
+def test_reinforce_refuses_nonsense_before_training(argv, msg, capsys, monkeypatch, tmp_path):
+    """Each of these used to train and save a meaningless policy (issue 16); now: one line, exit 2, nothing written."""
+    from agents import reinforce
+
+    monkeypatch.setenv("CEE_RUNS_DIR", str(tmp_path))
+    monkeypatch.delenv("CEE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        reinforce.main(["--env", "cee/Synthetic-v0", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1
+    assert not (tmp_path / "reinforce").exists()
