@@ -50,8 +50,8 @@ from backbones.cli import Repeatable
 from cee_env.cache import LayerCache
 
 DEFAULT_TASKS = ("RTE", "MRPC", "SST2", "MCID", "StackOverflow")
-DEFAULT_LEARNERS = ("reinforce:state:hardness", "reinforce:state:vanilla", "reinforce:confidence:hardness",
-                    "reinforce:confidence:consistency", "fqi:confidence:consistency")
+DEFAULT_LEARNERS = ("reinforce:state:hardness", "reinforce:state:vanilla", "reinforce:confidence:consistency",
+                    "ppo:confidence:consistency", "fqi:confidence:consistency")
 ALGOS = ("reinforce", "fqi", "ppo", "a2c", "dqn")
 HEURISTICS = {"static": "Static exit at layer k", "deebert": "DeeBERT (entropy)",
               "maxprob": "Right-Tool (max prob)", "pabee": "PABEE (patience)"}
