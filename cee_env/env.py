@@ -75,6 +75,8 @@ class EpisodeTables:
     ) -> "EpisodeTables":
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}; expected one of {REWARDS}")
+        if not np.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number; got {alpha}")
         if obs not in OBS_MODES:
             raise ValueError(f"unknown obs mode {obs!r}; expected one of {OBS_MODES}")
         if not (np.isfinite(obs_bound) and obs_bound > 0):
@@ -94,6 +96,11 @@ class EpisodeTables:
         lp = np.where(labels[:, None] >= 0, lp, 0.0).astype(np.float64)
         t = np.arange(1, L + 1)[None, :]
         rew = exit_reward(exit_quality(reward, lp, preds, labels), t, alpha, reward, memorized[:, None], L)
+        if not np.isfinite(rew).all():
+            bad = np.argwhere(~np.isfinite(rew))[0]
+            raise ValueError(f"{cache.task}/{cache.split}: the {reward} reward is not finite for instance {bad[0]} at "
+                             f"layer {bad[1] + 1} (log p = {lp[bad[0], bad[1]]}; alpha = {alpha}); the cache or the "
+                             "arguments are damaged: rebuild the cache (delete its folder under runs/cache) or fix --alpha")
 
         B = np.float32(obs_bound)
         states = cache.states

@@ -253,3 +253,19 @@ def test_synthetic_right_exit_is_difficulty():
     env = EarlyExitEnv(cache=c, reward="vanilla", alpha=0.05)
     best = env.tables.reward.argmax(axis=1) + 1
     assert (best == d).all()
+
+
+def test_non_finite_rewards_are_refused():
+    import numpy as np
+    import pytest
+
+    from cee_env import EarlyExitEnv, make_synthetic_cache
+
+    c = make_synthetic_cache(n=20, num_layers=3, hidden=8)
+    with pytest.raises(ValueError, match="alpha must be a finite"):
+        EarlyExitEnv(cache=c, alpha=float("nan"))
+    lp = np.array(c.log_probs)
+    lp[3, 1, c.labels[3]] = -np.inf  # a damaged log-probability of the gold label
+    bad = type(c)(states=c.states, log_probs=lp, labels=c.labels, task="Syn", split="train")
+    with pytest.raises(ValueError, match="not finite for instance 3 at layer 2"):
+        EarlyExitEnv(cache=bad, reward="hardness")
