@@ -29,12 +29,11 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents import reinforce, sb3
-from agents.runtime import tail_mean
+from agents.runtime import DataArgs, tail_mean
 from backbones.cli import parse, user_errors
 from backbones.files import write_json
 from agents.evaluate import evaluate
@@ -46,7 +45,7 @@ ALGOS = ("reinforce", *sb3.ALGOS)
 
 
 @dataclass
-class Args:
+class Args(DataArgs):
     env: str = "cee/RTE-v0"
     """environment id (cee/<Task>-v0 or cee/Synthetic-v0)"""
     algos: str = "reinforce,ppo,a2c,dqn"
@@ -63,16 +62,6 @@ class Args:
     """depth penalty per layer"""
     n_envs: int = 8
     """SB3: env copies in the DummyVecEnv"""
-    train_split: str = "calib"
-    """what the policies learn on: calib (rows the backbone never saw) or train"""
-    protocol: str | None = None
-    """how calib rows are obtained: holdout or crossfit (default: the task's)"""
-    test_file: str | None = None
-    """a labelled test file of the task's format, reported next to dev"""
-    checkpoint: str | None = None
-    """stage-1 checkpoint directory (default: the protocol's deployed one)"""
-    data_dir: str | None = None
-    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
     name: str | None = None
     """output folder under runs/compare (default: the env name, e.g. RTE-v0)"""
     quiet: bool = False
@@ -228,7 +217,8 @@ def compare(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         raise ValueError(f"--algos must name some of {ALGOS}; got {args.algos!r}")
     if args.seeds < 1 or args.budget < 1:
         raise ValueError("--seeds and --budget must be >= 1")
-    gym.spec(args.env)  # a clear error for an unknown env id
+    reinforce.register_task_file(args)
+    cee_env.env_task(args.env)  # registers cee/<Task>-v0 (a clear error for an unknown env id)
     if caches is None:
         caches = reinforce.make_caches(args)
     out_dir = runs_dir() / "compare" / (args.name or args.env.split("/")[-1])

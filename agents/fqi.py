@@ -36,7 +36,7 @@ import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents.evaluate import evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from agents.reinforce import log_eval, make_caches, print_summary, register_task_file
-from agents.runtime import torch_threads
+from agents.runtime import DataArgs, torch_threads
 from backbones.cli import parse, user_errors
 from backbones.files import write_json
 from backbones.paths import runs_dir
@@ -44,7 +44,7 @@ from cee_env.cache import LayerCache
 
 
 @dataclass
-class Args:
+class Args(DataArgs):
     env: str = "cee/RTE-v0"
     """environment id (cee/<Task>-v0)"""
     reward: str = "consistency"
@@ -65,18 +65,6 @@ class Args:
     """temperature of the saved policy: pi = sigmoid((Q_exit - Q_cont) / tau)"""
     seed: int = 0
     """random seed"""
-    train_split: str = "calib"
-    """what the policy learns on: calib (rows the backbone never saw) or train (the rows it was fitted on)"""
-    protocol: str | None = None
-    """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
-    task_file: str | None = None
-    """a task described by a TOML/JSON file; the env becomes cee/<name>-v0"""
-    checkpoint: str | None = None
-    """stage-1 checkpoint directory (default: the task's deployed one, trained if missing)"""
-    data_dir: str | None = None
-    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
-    test_file: str | None = None
-    """labelled test file of the task's format, evaluated at the end"""
     run_name: str | None = None
     """run folder name under runs/fqi (default from env, reward, alpha, obs, seed)"""
     torch_threads: int = 1

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.runtime import torch_threads
+from agents.runtime import DataArgs, torch_threads
 from backbones.cli import parse, user_errors
 from backbones.files import claim, write_json
 from agents.evaluate import EvalResult, evaluate
@@ -41,7 +41,7 @@ from cee_env.cache import LayerCache
 
 
 @dataclass
-class Args:
+class Args(DataArgs):
     env: str = "cee/RTE-v0"
     """environment id (cee/<Task>-v0)"""
     reward: str = "hardness"
@@ -75,19 +75,6 @@ class Args:
     """epochs between dev evaluations"""
     seed: int = 0
     """random seed"""
-    train_split: str = "calib"
-    """what the policy learns on: calib (rows the backbone never saw), calib-a (half of it: the other half is left
-    for agents.calibrate) or train (the rows the backbone was fitted on, the paper)"""
-    protocol: str | None = None
-    """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
-    task_file: str | None = None
-    """a task described by a TOML/JSON file (name, files, columns, metric); the env becomes cee/<name>-v0"""
-    checkpoint: str | None = None
-    """stage-1 checkpoint directory (default: the protocol's deployed one, trained if missing)"""
-    data_dir: str | None = None
-    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
-    test_file: str | None = None
-    """labelled test file of the task's format, evaluated at the end"""
     run_name: str | None = None
     """name of the run folder under runs/reinforce and runs/tb (default from env, reward, alpha, seed)"""
     out: str | None = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,3 +44,22 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(prev)
+
+
+@dataclass
+class DataArgs:
+    """Where an agent's caches come from: the flags every agent command shares."""
+
+    train_split: str = "calib"
+    """what the policy learns on: calib (rows the backbone never saw), calib-a (half of it: the other half is left
+    for agents.calibrate) or train (the rows the backbone was fitted on, the paper)"""
+    protocol: str | None = None
+    """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
+    task_file: str | None = None
+    """a task described by a TOML/JSON file (name, files, columns, metric); the env becomes cee/<name>-v0"""
+    checkpoint: str | None = None
+    """stage-1 checkpoint directory (default: the protocol's deployed one, trained if missing)"""
+    data_dir: str | None = None
+    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
+    test_file: str | None = None
+    """a labelled test file of the task's format, reported next to dev (never learned from)"""

@@ -42,7 +42,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.runtime import thin
+from agents.runtime import DataArgs, thin
 from backbones.files import write_json
 from agents.evaluate import evaluate
 from agents.policies import ExitPolicy, OracleExit, StaticExit
@@ -60,7 +60,7 @@ OBS = "state_layer"  # the default observation mode of the SB3 agents
 
 
 @dataclass
-class Args:
+class Args(DataArgs):
     algo: str = "ppo"
     """SB3 algorithm: ppo, a2c or dqn"""
     env: str = "cee/RTE-v0"
@@ -100,18 +100,6 @@ class Args:
     """torch device of the SB3 model"""
     torch_threads: int = 1
     """torch intra-op threads while training (small MLPs run fastest on one)"""
-    train_split: str = "calib"
-    """what the policy learns on: calib (rows the backbone never saw) or train (the rows it was fitted on)"""
-    protocol: str | None = None
-    """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
-    task_file: str | None = None
-    """a task described by a TOML/JSON file; the env becomes cee/<name>-v0"""
-    checkpoint: str | None = None
-    """stage-1 checkpoint directory (default: the task's default, trained if missing)"""
-    data_dir: str | None = None
-    """data directory (default $CEE_DATA_DIR or ../shared/data)"""
-    test_file: str | None = None
-    """labelled test file of the task's format, evaluated at the end"""
     run_name: str | None = None
     """name of the run folder under runs/sb3 and runs/tb/sb3 (default from env, algo, reward, alpha, seed)"""
     quiet: bool = False
