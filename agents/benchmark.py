@@ -379,7 +379,7 @@ def markdown_table(ops_by_task: dict, tasks: list[str], split: str, op: str) -> 
     if not tasks:
         return ""
     metric = {t: (ops_by_task[t]["full"][split] or {}).get("metric_name", "") for t in tasks}
-    lines = [f"| method | " + " | ".join(f"{t} {metric[t]}" for t in tasks) + " | avg saved |",
+    lines = ["| method | " + " | ".join(f"{t} {metric[t]}" for t in tasks) + " | avg saved |",
              "|---" * (len(tasks) + 2) + "|"]
     full = {t: ops_by_task[t]["full"][split] for t in tasks}
     lines.append("| Backbone, full depth | " + " | ".join(_cell(full[t], full[t]) for t in tasks) + " | 0% |")
@@ -565,8 +565,8 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
 
 
 def risk_table(risk: dict, tasks: list[str], setting: str, reps: int) -> str:
-    lines = ["| method | " + " | ".join(f"{t}: dev risk, saved" + (", violations" if reps else "") for t in tasks)
-             + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines = ["| method | " + " | ".join(f"{t}: dev risk, saved" + ("; re-splits: violations, saved" if reps else "")
+                                       for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     methods = list(dict.fromkeys(m for t in tasks for m in risk[t][setting]))
     for m in methods:
         cells = []
@@ -581,7 +581,7 @@ def risk_table(risk: dict, tasks: list[str], setting: str, reps: int) -> str:
             d = row["dev"]
             v = row.get("validation")
             cells.append(f"{100 * d['risk']:.1f}%, {100 * d['saved']:.0f}%"
-                         + (f", {100 * v['violation_frequency']:.1f}% of {v['reps']}" if v else ""))
+                         + (f"; {100 * v['violation_frequency']:.1f}%, {100 * v['mean_test_saved']:.0f}%" if v else ""))
         lines.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
