@@ -78,6 +78,14 @@ def risk_errors(exits: np.ndarray, cache: LayerCache, risk: str) -> np.ndarray:
     raise ValueError(f"unknown risk {risk!r}; expected one of {RISKS}")
 
 
+def exits_for_grid(score: np.ndarray, grid: list[float]) -> np.ndarray:
+    """0-based exit layers [K, N] for every threshold of ``grid`` at once: the first layer whose score is
+    above the threshold is the first whose running maximum is (the last layer otherwise)."""
+    run = np.maximum.accumulate(np.asarray(score, dtype=np.float64)[:, :-1], axis=1)  # [N, L-1]
+    t = np.asarray(grid, dtype=np.float64)[:, None, None]
+    return (run[None] <= t).sum(2)
+
+
 def exits_at(score: np.ndarray, threshold: float) -> np.ndarray:
     """0-based exit layer: the first layer whose score is above ``threshold`` (the last layer otherwise)."""
     m = np.asarray(score) > threshold
@@ -115,20 +123,18 @@ def learn_then_test(scores: list[np.ndarray], grids: list[list[float]], cache: L
         raise UserError(f"--epsilon and --delta must be in (0, 1); got {epsilon}, {delta}")
     n, L = cache.num_instances, cache.num_layers
     level = delta / len(scores)
+    err_at = np.stack([risk_errors(np.full(n, l), cache, risk) for l in range(L)], 1)  # [N, L]: error if exit at l
     best, tested = None, 0
     for j, (s, grid) in enumerate(zip(scores, grids)):
-        pv, stats = [], []
-        for t in grid:
-            e = exits_at(s, t)
-            k = int(risk_errors(e, cache, risk).sum())
-            pv.append(binom_pvalue(k, n, epsilon))
-            stats.append((t, k, 1.0 - (e.mean() + 1) / L))
-            tested += 1
-            if pv[-1] > level:
-                break  # fixed sequence: nothing after the first non-rejection is tested
-        i = fixed_sequence(pv, level)
-        if i >= 0 and (best is None or stats[i][2] > best[3] + 1e-12):
-            best = (j, stats[i][0], stats[i][1], stats[i][2], pv[i])
+        e = exits_for_grid(s, grid)  # [K, N], all values at once
+        k = err_at[np.arange(n)[None, :], e].sum(1)
+        pv = binom.cdf(k, n, epsilon)
+        i = fixed_sequence(pv.tolist(), level)
+        tested += min(len(grid), i + 2)  # fixed sequence looks at the values up to the first non-rejection
+        if i >= 0:
+            saved = 1.0 - (e[i].mean() + 1) / L
+            if best is None or saved > best[3] + 1e-12:
+                best = (j, grid[i], int(k[i]), saved, float(pv[i]))
     m = min_calibration_size(epsilon, level)
     if best is None:
         return Calibration(None, None, risk, epsilon, delta, n, None, None, None, None, tested, m)

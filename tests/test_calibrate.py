@@ -130,3 +130,12 @@ def test_a_policy_that_learned_on_all_of_calib_is_refused(tmp_runs, capsys):
     with pytest.raises(SystemExit) as e:
         C.main(["--run", str(run)])
     assert e.value.code == 2 and "train it with --train-split calib-a" in capsys.readouterr().err
+
+
+def test_exits_for_grid_equals_one_threshold_at_a_time():
+    rng = np.random.default_rng(3)
+    s = rng.random((50, 5))
+    grid = [np.inf, 0.9, 0.7, 0.5, 0.2, 0.0]
+    e = C.exits_for_grid(s, grid)
+    for k, t in enumerate(grid):
+        np.testing.assert_array_equal(e[k], C.exits_at(s, t))
