@@ -99,8 +99,11 @@ class BenchmarkConfig:
     """print only the tables"""
     ltt: tuple[str, ...] = ("consistency:0.02:0.1", "consistency:0.05:0.1", "accuracy_gap:0.02:0.1")
     """risk-controlled operating points RISK:EPSILON:DELTA (agents.calibrate's Learn-then-Test) for every method"""
+    reuse: bool = True
+    """load a learner's policy saved by an earlier run when its settings and training rows are the same
+    (benchmark_key.json beside it) instead of training it again; --no-reuse retrains everything"""
     ltt_resplits: int = 200
-    """calib/test re-splits that check each guarantee (violation frequency must stay <= delta); 0: skip"""
+    """calibration sets re-drawn (i.i.d. from calib+test as the population) to check each guarantee: the violation frequency must stay <= delta; 0: skip"""
     lte: LTEConfig = field(default_factory=LTEConfig)
     """how the BERxiT exit head is fitted"""
 
@@ -224,7 +227,41 @@ def learner_label(spec: str, paper_rule: bool) -> str:
     return f"{name}, {obs} obs, {REWARD_LABEL[reward]} reward, {rule}"
 
 
+REUSE_KEY = "benchmark_key.json"
+
+
+def _fit_key(args, train: LayerCache) -> str:
+    """sha256 of a learner's settings and of the exact cache rows it learns on: a saved policy with the same
+    key is the policy this fit would train (training is seeded), so a rerun can load it instead."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256()
+    fields = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("quiet", "torch_threads")}
+    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    h.update(json.dumps([train.task, train.meta.get("checkpoint"), train.num_layers], default=str).encode())
+    for a in (train.labels, train.log_probs, train.states):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _reuse(run_dir: Path, key: str):
+    """The policy saved in ``run_dir`` if its benchmark key matches ``key`` and its files check out, else None."""
+    from agents.inference.early_exit_model import load_policy
+    from backbones.files import IntegrityError, read_json
+
+    try:
+        if read_json(run_dir / REUSE_KEY, "").get("key") != key:
+            return None
+        return load_policy(run_dir, threshold=0.5)[0]
+    except (FileNotFoundError, IntegrityError, ValueError, KeyError, OSError):
+        return None  # missing, stale or damaged: train again
+
+
 def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig):
+    from backbones.files import write_json
+    from backbones.paths import runs_dir
+
     algo, obs, reward = parse_learner(spec)
 
     def fit(train: LayerCache, held: LayerCache, j: int):
@@ -246,7 +283,13 @@ def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig):
             args = Args(algo=algo, env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), seed=cfg.seed + j,
                         total_timesteps=cfg.sb3_steps, eval_every=0, quiet=True, run_name=name,
                         torch_threads=cfg.threads)
-        policy = fit_policy(args, caches)["policy"]
+        key = _fit_key(args, train)
+        run_dir = runs_dir() / ("sb3" if algo not in ("reinforce", "fqi") else algo) / name
+        policy = _reuse(run_dir, key) if cfg.reuse else None
+        if policy is None:
+            out = fit_policy(args, caches)
+            policy, run_dir = out["policy"], Path(out["run_dir"])
+            write_json(run_dir / REUSE_KEY, {"key": key})
         return lambda c: policy.exit_probs(c.states if policy.needs_states else None, c.log_probs)
 
     return fit
@@ -525,7 +568,7 @@ def _concat(a: LayerCache, b: LayerCache) -> LayerCache:
 def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]], fold0: np.ndarray,
                  cfg: BenchmarkConfig) -> dict:
     """Per setting and method: the Learn-then-Test knob on calib, its test risk / score / saved layers, and
-    the re-split check of the guarantee. Heuristics calibrate on all of calib; a learned method calibrates
+    the re-draw check of the guarantee. Heuristics calibrate on all of calib; a learned method calibrates
     its model 0 (which never saw fold 0) on fold 0, one knob path per alpha (Bonferroni)."""
     from agents.calibrate import conservative_grid, learn_then_test, resplit_validation, risk_errors, rule_scores
 
@@ -565,7 +608,7 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
 
 
 def risk_table(risk: dict, tasks: list[str], setting: str, reps: int) -> str:
-    lines = ["| method | " + " | ".join(f"{t}: dev risk, saved" + ("; re-splits: violations, saved" if reps else "")
+    lines = ["| method | " + " | ".join(f"{t}: dev risk, saved" + ("; re-draws: violations, population saved" if reps else "")
                                        for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     methods = list(dict.fromkeys(m for t in tasks for m in risk[t][setting]))
     for m in methods:
@@ -581,7 +624,7 @@ def risk_table(risk: dict, tasks: list[str], setting: str, reps: int) -> str:
             d = row["dev"]
             v = row.get("validation")
             cells.append(f"{100 * d['risk']:.1f}%, {100 * d['saved']:.0f}%"
-                         + (f"; {100 * v['violation_frequency']:.1f}%, {100 * v['mean_test_saved']:.0f}%" if v else ""))
+                         + (f"; {100 * v['violation_frequency']:.1f}%, {100 * v['mean_population_saved']:.0f}%" if v else ""))
         lines.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -155,3 +155,28 @@ def test_cli_on_the_synthetic_task(tmp_runs, tmp_path, capsys):
             main(["--tasks", "Synthetic", "--out", str(tmp_path / "x"), *argv])
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+def test_rerun_loads_saved_policies_and_retrains_when_anything_differs(tmp_runs, tmp_path, monkeypatch):
+    import agents.fqi
+    import agents.reinforce
+
+    caches = {"SynA": _caches(3, test=False)}
+    first = run_benchmark(caches, _cfg(tmp_path, "a", plots=False, ltt_resplits=0))
+
+    def refuse(*a, **k):
+        raise AssertionError("trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(agents.reinforce, "train", refuse)
+        m.setattr(agents.fqi, "train", refuse)
+        again = run_benchmark(caches, _cfg(tmp_path, "b", plots=False, ltt_resplits=0))
+        assert again["points"] == first["points"]  # every policy loaded, the same scores
+        with pytest.raises(AssertionError, match="trained again"):  # different training rows: no reuse
+            run_benchmark({"SynA": _caches(4, test=False)}, _cfg(tmp_path, "c", plots=False, ltt_resplits=0))
+        with pytest.raises(AssertionError, match="trained again"):
+            run_benchmark(caches, _cfg(tmp_path, "d", plots=False, ltt_resplits=0, reuse=False))
+    keys = list(tmp_runs.rglob("benchmark_key.json"))
+    assert keys
+    keys[0].write_text('{"key": "edited"}')  # a stale key: that one policy is trained again, the rest reused
+    assert run_benchmark(caches, _cfg(tmp_path, "e", plots=False, ltt_resplits=0))["points"] == first["points"]
