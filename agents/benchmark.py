@@ -237,7 +237,7 @@ def _fit_key(args, train: LayerCache) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    fields = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("quiet", "torch_threads")}
+    fields = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("quiet", "torch_threads", "run_name")}
     h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     h.update(json.dumps([train.task, train.meta.get("checkpoint"), train.num_layers], default=str).encode())
     for a in (train.labels, train.log_probs, train.states):
@@ -284,7 +284,8 @@ def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig):
                         total_timesteps=cfg.sb3_steps, eval_every=0, quiet=True, run_name=name,
                         torch_threads=cfg.threads)
         key = _fit_key(args, train)
-        run_dir = runs_dir() / ("sb3" if algo not in ("reinforce", "fqi") else algo) / name
+        args = replace(args, run_name=f"{name}-{key[:10]}")  # runs on other training rows get their own folder
+        run_dir = runs_dir() / ("sb3" if algo not in ("reinforce", "fqi") else algo) / args.run_name
         policy = _reuse(run_dir, key) if cfg.reuse else None
         if policy is None:
             out = fit_policy(args, caches)
