@@ -305,6 +305,9 @@ def resplit_validation(scores: list[np.ndarray], pool: LayerCache, n_cal: int, r
     population risk and saved layers of the chosen rules."""
     from cee_env.cache import take_rows as take
 
+    import dataclasses
+
+    pool = dataclasses.replace(pool, states=pool.states[:, :, :0])  # risks read predictions only: drop the states
     rng = np.random.default_rng(seed)
     n = pool.num_instances
     viol, refused, saved, risks = 0, 0, [], []
