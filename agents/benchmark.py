@@ -190,7 +190,8 @@ def crossfit_scores(fit, caches: dict[str, LayerCache], folds: list[np.ndarray],
     """``fit(train_cache, held_cache, j)`` -> score function; out-of-fold scores on calib, fold-mean elsewhere.
 
     ``first_model``, if given, receives the scores of model 0 alone (trained without fold 0): on fold 0's
-    calib rows ("calib") and on every other split; risk control calibrates that model on fold 0."""
+    calib rows ("calib"), on the calib rows it learned on ("calib_fit") and on every other split; risk
+    control picks its knob path on "calib_fit" and calibrates it on fold 0."""
     calib = caches["calib"]
     out = {s: np.zeros((c.num_instances, c.num_layers)) for s, c in caches.items()}
     for j, held in enumerate(folds):
@@ -205,6 +206,7 @@ def crossfit_scores(fit, caches: dict[str, LayerCache], folds: list[np.ndarray],
                     first_model[s] = sc
         if j == 0 and first_model is not None:
             first_model["calib"] = out["calib"][held].copy()
+            first_model["calib_fit"] = score(take(calib, rest))
     return out
 
 
@@ -566,11 +568,27 @@ def _concat(a: LayerCache, b: LayerCache) -> LayerCache:
                       label_names=a.label_names, metric=a.metric)
 
 
+def choose_path(family: list[dict], fit: LayerCache, risk: str, epsilon: float, delta: float) -> int:
+    """The knob path (alpha) of a learned method for risk control, read on the rows its model learned on
+    (``"calib_fit"`` scores): the one whose Learn-then-Test there saves the most layers; the first (smallest
+    alpha) when none passes."""
+    from agents.calibrate import conservative_grid, learn_then_test
+
+    best, best_saved = 0, -1.0
+    for j, f in enumerate(family):
+        c = learn_then_test([f["calib_fit"]], [conservative_grid(f["calib_fit"])], fit, risk, epsilon, delta)
+        if c.threshold is not None and c.saved > best_saved + 1e-12:
+            best, best_saved = j, c.saved
+    return best
+
+
 def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]], fold0: np.ndarray,
                  cfg: BenchmarkConfig) -> dict:
     """Per setting and method: the Learn-then-Test knob on calib, its test risk / score / saved layers, and
-    the re-draw check of the guarantee. Heuristics calibrate on all of calib; a learned method calibrates
-    its model 0 (which never saw fold 0) on fold 0, one knob path per alpha (Bonferroni)."""
+    the re-draw check of the guarantee. Heuristics calibrate on all of calib. A learned method deploys its
+    model 0 (which never saw fold 0): the alpha and the threshold grid are chosen on the calib rows model 0
+    learned on (the alpha whose Learn-then-Test there saves the most), then that one path is calibrated on
+    fold 0, so delta is not split across alphas and fold 0 is read by the test alone."""
     from agents.calibrate import conservative_grid, learn_then_test, resplit_validation, risk_errors, rule_scores
 
     calib = caches["calib"]
@@ -579,6 +597,7 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
         fam = {split: rule_scores(rule, c)[0] for split, c in caches.items()}
         methods[name] = (calib, [fam], rule)
     cal0 = take(calib, fold0)
+    cal_fit = take(calib, np.setdiff1d(np.arange(calib.num_instances), fold0))
     for name, fam in families.items():
         methods[name] = (cal0, fam, None)
     out: dict = {}
@@ -586,11 +605,17 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
         risk, eps, delta = parse_setting(setting)
         res = out[setting] = {}
         for name, (cal, fam, rule) in methods.items():
+            grids = None
+            if "calib_fit" in fam[0]:  # learned: one path and its grid, chosen where model 0 learned
+                path = choose_path(fam, cal_fit, risk, eps, delta)
+                fam = [fam[path]]
+                grids = [conservative_grid(fam[0]["calib_fit"])]
             cal_scores = [f["calib"] for f in fam]
-            grids = [rule_scores(rule, cal)[1] if rule in ("static", "patience") else conservative_grid(sc)
-                     for sc in cal_scores]
+            if grids is None:
+                grids = [rule_scores(rule, cal)[1] if rule in ("static", "patience") else conservative_grid(sc)
+                         for sc in cal_scores]
             c = learn_then_test(cal_scores, grids, cal, risk, eps, delta)
-            row = {"calibration": c.to_dict(), "alpha": None if c.path is None else fam[c.path].get("alpha")}
+            row = {"calibration": c.to_dict(), "alpha": fam[0].get("alpha")}
             for split, cache in caches.items():
                 if split == "calib":
                     continue
@@ -603,7 +628,8 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
                 pool = _concat(cal, caches["dev"])
                 scores = [np.concatenate([f["calib"], f["dev"]]) for f in fam]
                 row["validation"] = resplit_validation(scores, pool, cal.num_instances, risk, eps, delta,
-                                                       cfg.ltt_resplits, cfg.seed)
+                                                       cfg.ltt_resplits, cfg.seed,
+                                                       grids=grids if "calib_fit" in fam[0] else None)
             res[name] = row
     return out
 

@@ -295,14 +295,15 @@ if __name__ == "__main__":
 
 # --------------------------------------------------------------------------- checking the guarantee
 def resplit_validation(scores: list[np.ndarray], pool: LayerCache, n_cal: int, risk: str, epsilon: float,
-                       delta: float, reps: int = 200, seed: int = 0) -> dict:
+                       delta: float, reps: int = 200, seed: int = 0, grids: list[list[float]] | None = None) -> dict:
     """Check the guarantee empirically: treat ``pool`` as the population, draw ``reps`` calibration sets of
     ``n_cal`` rows from it i.i.d. (with replacement, so each is an exact i.i.d. sample of that population),
     calibrate on each (grids from the drawn scores) and compute the chosen rule's *population* risk, i.e. its
     risk on the whole pool. A violation is a population risk above epsilon; Learn-then-Test promises a
     violation frequency <= delta. Judging by the whole pool (not a finite held-out part) keeps the check free of
     the test part's own sampling noise. Returns the frequency, how often no value passed, and the mean
-    population risk and saved layers of the chosen rules."""
+    population risk and saved layers of the chosen rules. ``grids``: fixed knob grids (chosen elsewhere);
+    default, each draw's own conservative grid."""
     from cee_env.cache import take_rows as take
 
     import dataclasses
@@ -315,7 +316,7 @@ def resplit_validation(scores: list[np.ndarray], pool: LayerCache, n_cal: int, r
         cal_idx = np.sort(rng.integers(0, n, size=n_cal))
         cal_c = take(pool, cal_idx)
         cs = [s[cal_idx] for s in scores]
-        c = learn_then_test(cs, [conservative_grid(s) for s in cs], cal_c, risk, epsilon, delta)
+        c = learn_then_test(cs, grids or [conservative_grid(s) for s in cs], cal_c, risk, epsilon, delta)
         if c.threshold is None:
             refused += 1
             e = np.full(n, pool.num_layers - 1)  # no guarantee possible: full depth, no risk
