@@ -412,7 +412,8 @@ def method_label(method: str) -> str:
     return learner_label(method.removesuffix("+paper"), paper)
 
 
-def _cell(p: dict | None, full: dict | None) -> str:
+def score_cell(p: dict | None, full: dict | None) -> str:
+    """A table cell: the point's score, its change vs the full-depth point ``full``, and its saved layers."""
     if p is None:
         return "-"
     d = 100 * (p["metric"] - full["metric"]) if full else 0.0
@@ -428,7 +429,7 @@ def markdown_table(ops_by_task: dict, tasks: list[str], split: str, op: str) -> 
     lines = ["| method | " + " | ".join(f"{t} {metric[t]}" for t in tasks) + " | avg saved |",
              "|---" * (len(tasks) + 2) + "|"]
     full = {t: ops_by_task[t]["full"][split] for t in tasks}
-    lines.append("| Backbone, full depth | " + " | ".join(_cell(full[t], full[t]) for t in tasks) + " | 0% |")
+    lines.append("| Backbone, full depth | " + " | ".join(score_cell(full[t], full[t]) for t in tasks) + " | 0% |")
     methods = list(dict.fromkeys(m for t in tasks for m in ops_by_task[t] if isinstance(ops_by_task[t][m], dict)
                                  and "max1" in ops_by_task[t][m]))
     for m in methods:
@@ -436,9 +437,9 @@ def markdown_table(ops_by_task: dict, tasks: list[str], split: str, op: str) -> 
         pts = [None if c is None else c.get(split) for c in cells]
         have = [p for p in pts if p is not None]
         avg = f"{100 * np.mean([p['saved'] for p in have]):.0f}%" if len(have) == len(pts) else "-"
-        lines.append(f"| {method_label(m)} | " + " | ".join(_cell(p, full[t]) for p, t in zip(pts, tasks)) + f" | {avg} |")
+        lines.append(f"| {method_label(m)} | " + " | ".join(score_cell(p, full[t]) for p, t in zip(pts, tasks)) + f" | {avg} |")
     lines.append("| Oracle (first correct layer) | " + " | ".join(
-        _cell(ops_by_task[t]["oracle"][split], full[t]) for t in tasks) + " | |")
+        score_cell(ops_by_task[t]["oracle"][split], full[t]) for t in tasks) + " | |")
     return "\n".join(lines)
 
 
@@ -458,9 +459,9 @@ def headline_table(ops_by_task: dict, heads: dict, tasks: list[str]) -> str:
             if gap != "-":
                 gaps[split].append(100 * (lp["saved"] - hp["saved"]))
             lines.append(f"| {t} | {split} | {method_label(h['learned']['method']) if h['learned'] else '-'} | "
-                         f"{_cell(lp, full).rsplit(' ', 1)[0] if lp else '-'} | {100 * lp['saved']:.1f}% | "
+                         f"{score_cell(lp, full).rsplit(' ', 1)[0] if lp else '-'} | {100 * lp['saved']:.1f}% | "
                          if lp else f"| {t} | {split} | - | - | - | ")
-            lines[-1] += (f"{method_label(h['heuristic']['method'])} | {_cell(hp, full).rsplit(' ', 1)[0]} | "
+            lines[-1] += (f"{method_label(h['heuristic']['method'])} | {score_cell(hp, full).rsplit(' ', 1)[0]} | "
                           f"{100 * hp['saved']:.1f}% | {gap} |" if hp else "- | - | - | - |")
     for split, g in gaps.items():
         lines.append(f"| average | {split} | | | | | | | {np.mean(g):+.1f} |")
@@ -605,13 +606,12 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
         risk, eps, delta = parse_setting(setting)
         res = out[setting] = {}
         for name, (cal, fam, rule) in methods.items():
-            grids = None
-            if "calib_fit" in fam[0]:  # learned: one path and its grid, chosen where model 0 learned
-                path = choose_path(fam, cal_fit, risk, eps, delta)
-                fam = [fam[path]]
+            learned = "calib_fit" in fam[0]
+            if learned:  # one path and its grid, chosen where model 0 learned
+                fam = [fam[choose_path(fam, cal_fit, risk, eps, delta)]]
                 grids = [conservative_grid(fam[0]["calib_fit"])]
             cal_scores = [f["calib"] for f in fam]
-            if grids is None:
+            if not learned:
                 grids = [rule_scores(rule, cal)[1] if rule in ("static", "patience") else conservative_grid(sc)
                          for sc in cal_scores]
             c = learn_then_test(cal_scores, grids, cal, risk, eps, delta)
@@ -629,7 +629,7 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
                 scores = [np.concatenate([f["calib"], f["dev"]]) for f in fam]
                 row["validation"] = resplit_validation(scores, pool, cal.num_instances, risk, eps, delta,
                                                        cfg.ltt_resplits, cfg.seed,
-                                                       grids=grids if "calib_fit" in fam[0] else None)
+                                                       grids=grids if learned else None)
             res[name] = row
     return out
 

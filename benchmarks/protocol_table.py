@@ -8,15 +8,11 @@ from __future__ import annotations
 import json
 import sys
 
-from agents.benchmark import method_label
+from agents.benchmark import method_label, score_cell
 
 
 def _point(res: dict, task: str, method: str, split: str) -> dict:
     return next(p for p in res["points"] if p["task"] == task and p["method"] == method and p["split"] == split)
-
-
-def _cell(p: dict, full: float) -> str:
-    return f"{100 * p['metric']:.1f} ({100 * (p['metric'] - full):+.1f}) {100 * p['saved']:.0f}%"
 
 
 def tables(runs: dict[str, dict]) -> str:
@@ -27,13 +23,13 @@ def tables(runs: dict[str, dict]) -> str:
     lines = [header, "|---" * 7 + "|"]
     for t in tasks:
         for name, r in runs.items():
-            full = _point(r, t, "full", "dev")["metric"]
+            full = _point(r, t, "full", "dev")
             n = _point(r, t, "full", "calib")["n"]
             learned, heur = r["headline"][t]["learned"], r["headline"][t]["heuristic"]
             gap = 100 * (learned["dev"]["saved"] - heur["dev"]["saved"])
-            lines.append(f"| {t} | {name} | {n} | {100 * full:.1f} | {method_label(heur['method'])}: "
-                         f"{_cell(heur['dev'], full)} | {method_label(learned['method'])}: "
-                         f"{_cell(learned['dev'], full)} | {gap:+.1f} |")
+            lines.append(f"| {t} | {name} | {n} | {100 * full['metric']:.1f} | {method_label(heur['method'])}: "
+                         f"{score_cell(heur['dev'], full)} | {method_label(learned['method'])}: "
+                         f"{score_cell(learned['dev'], full)} | {gap:+.1f} |")
     ops = first["operating_points"][tasks[0]]
     methods = [m for m, v in ops.items() if isinstance(v, dict) and "max1" in v
                and m not in ("full", "oracle") and not m.endswith("+paper")]
