@@ -202,3 +202,31 @@ def test_risk_control_path_is_chosen_on_the_rows_model_0_learned_on():
                        "consistency", 0.02, 0.1) == 1
     assert choose_path([{"alpha": 0.2, "calib_fit": at_last_correct}, {"alpha": 0.1, "calib_fit": at_last_correct}],
                        fit, "consistency", 0.02, 0.1) == 0  # a tie goes to the first path
+
+
+def test_exit_ceiling_probe_chooses_on_calib_only(tmp_runs, tmp_path, monkeypatch):
+    """benchmarks.exit_ceiling: each probe's threshold keeps calib within the drop, and scrambling the test
+    labels changes test scores only (same calib rows, same thresholds)."""
+    import benchmarks.exit_ceiling as ec
+
+    real = ec.load_caches
+
+    def scrambled(task, cfg, test_file, checkpoint):
+        caches = real(task, cfg, test_file, checkpoint)
+        c = caches["dev"]
+        labels = np.random.default_rng(1).permutation(np.asarray(c.labels))
+        caches["dev"] = LayerCache(states=c.states, log_probs=c.log_probs, labels=labels, task=c.task,
+                                   split=c.split, label_names=c.label_names, metric=c.metric)
+        return caches
+
+    argv = ["--tasks", "Synthetic", "--seeds", "0", "1"]
+    a = ec.main([*argv, "--out", str(tmp_path / "a.json")])
+    monkeypatch.setattr(ec, "load_caches", scrambled)
+    b = ec.main([*argv, "--out", str(tmp_path / "b.json")])
+    assert len(a) == 2 * (1 + len(ec.FEATURES) * len(ec.MODELS)) == len(b)
+    assert json.loads((tmp_path / "a.json").read_text())["rows"][0]["probe"] == "max probability (Right-Tool)"
+    for ra, rb in zip(a, b):
+        assert ra["calib"] == rb["calib"]
+        assert -0.01 - 1e-9 <= ra["calib"]["change"]
+    assert any(ra["test"] != rb["test"] for ra, rb in zip(a, b))
+    assert max(r["calib"]["saved"] for r in a) > 0.2  # the synthetic task's confidence is informative
