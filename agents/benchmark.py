@@ -22,7 +22,9 @@ score passes its knob (the last layer always exits).
 
 Learned methods are cross-fitted on calib: ``--calib-folds`` K models, each trained on K-1
 folds and scoring the fold it did not see; their out-of-fold scores choose the knob, and
-the deployed rule averages the K models' scores. Heuristics choose on the whole of calib.
+the deployed rule averages the K models' scores (``--calib-repeats R``: R fold splits, each calib
+row's out-of-fold scores averaged, the deployed rule the mean of K x R models). Heuristics choose
+on the whole of calib.
 
 Operating points, chosen on calib for every method alike: "no loss" = the most saved layers
 with a calib score >= the full-depth calib score; "<= 1 pt" = at most ``--max-drop`` below.
@@ -71,6 +73,9 @@ class BenchmarkConfig:
     """depth penalties to sweep, one policy per alpha and fold"""
     calib_folds: int = 2
     """cross-fitting folds of calib for the learned methods"""
+    calib_repeats: int = 1
+    """repeated cross-fitting: this many fold splits of calib, each row's calib score averaged over its
+    out-of-fold models, the deployed rule the mean of all folds x repeats models (less variance, more training)"""
     max_drop: float = 0.01
     """the '<= 1 pt' operating point allows this drop below full depth on calib (0.01 = 1 point)"""
     epochs: int = 20
@@ -260,14 +265,25 @@ def _reuse(run_dir: Path, key: str):
         return None  # missing, stale or damaged: train again
 
 
-def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig):
+def repeated_crossfit(make_fit, caches: dict[str, LayerCache], fold_sets: list[list[np.ndarray]],
+                      first_model: dict | None = None) -> dict[str, np.ndarray]:
+    """:func:`crossfit_scores` once per fold split (``make_fit(r)`` gives split r's fitter), averaged: every calib
+    row's score is the mean of its out-of-fold scores, every other split's the mean of all models.
+    ``first_model`` is filled from split 0's model 0 (as :func:`crossfit_scores` does)."""
+    outs = [crossfit_scores(make_fit(r), caches, folds, first_model if r == 0 else None)
+            for r, folds in enumerate(fold_sets)]
+    return {s: np.mean([o[s] for o in outs], axis=0) for s in outs[0]}
+
+
+def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig, repeat: int = 0):
     from backbones.files import write_json
     from backbones.paths import runs_dir
 
     algo, obs, reward = parse_learner(spec)
 
     def fit(train: LayerCache, held: LayerCache, j: int):
-        name = f"benchmark-{task}-{algo}-{obs}-{reward}-a{alpha:g}-f{j}of{cfg.calib_folds}-s{cfg.seed}"
+        rep = f"r{repeat}" if repeat else ""
+        name = f"benchmark-{task}-{algo}-{obs}-{reward}-a{alpha:g}-f{j}of{cfg.calib_folds}{rep}-s{cfg.seed}"
         caches = {"train": train, "dev": held}
         if algo == "reinforce":
             from agents.reinforce import Args, train as fit_policy
@@ -308,12 +324,13 @@ def _lte_fitter(cfg: BenchmarkConfig):
 
 def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig, log) -> tuple[list[dict], dict]:
     """BERxiT and every learner x alpha, cross-fitted on calib; points of every knob on every split."""
-    folds = calib_folds(caches["calib"], cfg.calib_folds, cfg.seed)
+    fold_sets = [calib_folds(caches["calib"], cfg.calib_folds, cfg.seed + 1000 * r) for r in range(cfg.calib_repeats)]
+    folds = fold_sets[0]
     points, timing = [], {}
     families: dict[str, list[dict]] = {}  # method -> per alpha (knob path) the scores of model 0 (risk control)
     t0 = time.time()
     families["berxit"] = [{}]
-    s = crossfit_scores(_lte_fitter(cfg), caches, folds, families["berxit"][0])
+    s = repeated_crossfit(lambda r: _lte_fitter(cfg), caches, fold_sets, families["berxit"][0])
     points += score_points(task, "berxit", s, caches, [({"threshold": t}, t) for t in threshold_grid(s["calib"], cfg.grid)])
     timing["berxit_s"] = round(time.time() - t0, 1)
     for spec in cfg.learners:
@@ -321,7 +338,8 @@ def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig
         families[spec] = []
         for alpha in cfg.alphas:
             families[spec].append({"alpha": alpha})
-            s = crossfit_scores(_policy_fitter(task, spec, alpha, cfg), caches, folds, families[spec][-1])
+            s = repeated_crossfit(lambda r, sp=spec, a=alpha: _policy_fitter(task, sp, a, cfg, r), caches, fold_sets,
+                                  families[spec][-1])
             thr = threshold_grid(s["calib"], cfg.grid, fixed=(0.5,))
             points += score_points(task, spec, s, caches, [({"alpha": alpha, "threshold": t}, t) for t in thr])
             points += score_points(task, spec + "+paper", s, caches, [({"alpha": alpha}, 0.5)])
@@ -329,7 +347,7 @@ def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig
         calib = caches["calib"]
         ref = score_exits(np.full(calib.num_instances, calib.num_layers - 1), calib, "full").metric
         cal = choose([p for p in points if p["method"] == spec and p["split"] == "calib"], ref, cfg.max_drop)
-        log(f"  [{task}] {spec}: {len(cfg.alphas)} alphas x {cfg.calib_folds} folds in {timing[f'{spec}_s']:.0f} s; "
+        log(f"  [{task}] {spec}: {len(cfg.alphas)} alphas x {cfg.calib_folds} folds x {cfg.calib_repeats} splits in {timing[f'{spec}_s']:.0f} s; "
             f"calib <=1 pt: {_describe(cal)}")
     return points, timing, families, folds[0]
 
@@ -766,6 +784,8 @@ def check(cfg: BenchmarkConfig) -> None:
         raise UserError("--tasks is empty")
     if cfg.calib_folds < 2:
         raise UserError(f"--calib-folds must be >= 2; got {cfg.calib_folds}")
+    if cfg.calib_repeats < 1:
+        raise UserError(f"--calib-repeats must be >= 1; got {cfg.calib_repeats}")
     if not (0.0 <= cfg.max_drop < 1.0):
         raise UserError(f"--max-drop must be in [0, 1); got {cfg.max_drop}")
     if any(not np.isfinite(a) or a < 0 for a in cfg.alphas):

@@ -146,12 +146,13 @@ def test_scrambled_test_labels_change_no_choice(tmp_runs, tmp_path):
 
 def test_cli_on_the_synthetic_task(tmp_runs, tmp_path, capsys):
     res = main(["--tasks", "Synthetic", "--alphas", "0.1", "--learners", "reinforce:confidence:consistency",
-                "--epochs", "1", "--grid", "5", "--out", str(tmp_path / "cli"), "--no-plots"])
+                "--epochs", "1", "--grid", "5", "--calib-repeats", "2", "--out", str(tmp_path / "cli"), "--no-plots"])
     out = capsys.readouterr().out
     assert "## Headline" in out and "timing (s):" in out and "caches_s" in out
     assert (tmp_path / "cli" / "results.json").is_file() and not (tmp_path / "cli" / "Synthetic_curves.png").exists()
     for argv, msg in ((["--test-file", "RTE=x.tsv"], "not in --tasks"), (["--learners", "ppo:state:x"], "ALGO:OBS:REWARD"),
-                      (["--calib-folds", "1"], "--calib-folds"), (["--alphas", "nan"], "--alphas")):
+                      (["--calib-folds", "1"], "--calib-folds"), (["--calib-repeats", "0"], "--calib-repeats"),
+                      (["--alphas", "nan"], "--alphas")):
         with pytest.raises(SystemExit) as e:
             main(["--tasks", "Synthetic", "--out", str(tmp_path / "x"), *argv])
         assert e.value.code == 2
@@ -230,3 +231,36 @@ def test_exit_ceiling_probe_chooses_on_calib_only(tmp_runs, tmp_path, monkeypatc
         assert -0.01 - 1e-9 <= ra["calib"]["change"]
     assert any(ra["test"] != rb["test"] for ra, rb in zip(a, b))
     assert max(r["calib"]["saved"] for r in a) > 0.2  # the synthetic task's confidence is informative
+
+
+def test_repeated_crossfit_scores_every_calib_row_out_of_fold():
+    """A fitter that memorises its training rows (score 1 on them, 0 elsewhere): with several fold splits, no calib
+    row may ever see a model that learned on it, while every test row sees the mean of all models."""
+    from agents.benchmark import calib_folds, repeated_crossfit
+
+    caches = _caches(3)
+    calib = caches["calib"]
+    ids = np.arange(calib.num_instances, dtype=float)
+    marked = {"calib": LayerCache(states=np.broadcast_to(ids[:, None, None], calib.states.shape).copy(),
+                                  log_probs=calib.log_probs, labels=calib.labels, task=calib.task, split="calib",
+                                  label_names=calib.label_names, metric=calib.metric),
+              "dev": caches["dev"]}
+    fold_sets = [calib_folds(marked["calib"], 2, 1000 * r) for r in range(3)]
+    assert not all(np.array_equal(fold_sets[0][0], f[0]) for f in fold_sets[1:])  # the splits differ
+    calls = []
+
+    def make_fit(r):
+        def fit(train, held, j):
+            seen = set(train.states[:, 0, 0].astype(int).tolist())
+            calls.append((r, j))
+            return lambda c: np.array([[1.0 if c.split == "calib" and int(x) in seen else 0.5] * c.num_layers
+                                       for x in c.states[:, 0, 0]])
+        return fit
+
+    first = {}
+    out = repeated_crossfit(make_fit, marked, fold_sets, first)
+    assert sorted(calls) == [(r, j) for r in range(3) for j in range(2)]
+    np.testing.assert_array_equal(out["calib"], 0.5)  # never scored by a model trained on the row
+    np.testing.assert_allclose(out["dev"], 0.5)
+    assert set(first) >= {"calib", "calib_fit", "dev"}
+    np.testing.assert_array_equal(first["calib_fit"], 1.0)  # model 0 of split 0 on the rows it learned on
