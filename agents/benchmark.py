@@ -122,9 +122,14 @@ def exits_at(score: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def make_point(task: str, method: str, knob: dict, split: str, res: EvalResult) -> dict:
-    return {"task": task, "method": method, "knob": knob, "split": split, "metric_name": res.metric_name,
-            "metric": res.metric, "accuracy": res.accuracy, "saved": res.saved_layers, "avg_exit": res.avg_exit_layer,
-            "num_layers": res.num_layers, "n": res.n, "exit_hist": res.exit_hist}
+    """One (method, knob) on one split. Test-side points keep their per-instance exit layers in ``_exits`` (for the
+    headline's paired confidence interval; dropped before anything is written)."""
+    p = {"task": task, "method": method, "knob": knob, "split": split, "metric_name": res.metric_name,
+         "metric": res.metric, "accuracy": res.accuracy, "saved": res.saved_layers, "avg_exit": res.avg_exit_layer,
+         "num_layers": res.num_layers, "n": res.n, "exit_hist": res.exit_hist}
+    if split != "calib":
+        p["_exits"] = np.asarray(res.exit_layers, dtype=np.int8)
+    return p
 
 
 def threshold_grid(calib_score: np.ndarray, n: int, fixed: tuple[float, ...] = ()) -> list[float]:
@@ -408,6 +413,23 @@ def operating_points(points: list[dict], task: str, max_drop: float) -> dict:
     return out
 
 
+def gap_ci(learned: dict, heuristic: dict, level: float = 0.95, seed: int = 0) -> list[float] | None:
+    """Bootstrap confidence interval (scipy.stats.bootstrap, BCa, 2,000 resamples) of the saved-layers gap
+    learned - heuristic on one split, paired over its instances: the uncertainty of that split's sampling,
+    not of the calib choices. None without per-instance exits."""
+    from scipy.stats import bootstrap
+
+    el, eh = learned.get("_exits"), heuristic.get("_exits")
+    if el is None or eh is None or len(el) != len(eh) or len(el) < 2:
+        return None
+    d = (eh.astype(np.float64) - el.astype(np.float64)) / learned["num_layers"]
+    if np.ptp(d) == 0:  # every instance the same difference (e.g. both rules exit at one layer)
+        return [float(d[0]), float(d[0])]
+    ci = bootstrap((d,), np.mean, confidence_level=level, n_resamples=2000, method="BCa",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return [float(ci.low), float(ci.high)]
+
+
 def headline(ops: dict, learned: list[str]) -> dict:
     """The learned method and the heuristic best on calib at '<= 1 pt', with their test points."""
     def best(methods):
@@ -417,7 +439,11 @@ def headline(ops: dict, learned: list[str]) -> dict:
         m, op = max(cand, key=lambda mo: (round(mo[1]["calib"]["saved"], 12), round(mo[1]["calib"]["metric"], 12)))
         return {"method": m, **op}
 
-    return {"learned": best(learned), "heuristic": best(list(HEURISTICS))}
+    out = {"learned": best(learned), "heuristic": best(list(HEURISTICS))}
+    if out["learned"] and out["heuristic"]:
+        out["gap_ci"] = {s: gap_ci(out["learned"][s], out["heuristic"][s]) for s in ops["splits"]
+                         if s != "calib" and out["learned"].get(s) and out["heuristic"].get(s)}
+    return out
 
 
 # --------------------------------------------------------------------------- tables
@@ -463,7 +489,7 @@ def markdown_table(ops_by_task: dict, tasks: list[str], split: str, op: str) -> 
 
 def headline_table(ops_by_task: dict, heads: dict, tasks: list[str]) -> str:
     lines = ["| task | test split | best learned on calib | test score (change) | saved | best heuristic on calib | "
-             "test score (change) | saved | saved gap |", "|---" * 9 + "|"]
+             "test score (change) | saved | saved gap [95% CI] |", "|---" * 9 + "|"]
     gaps: dict[str, list[float]] = defaultdict(list)
     for t in tasks:
         h = heads[t]
@@ -474,6 +500,9 @@ def headline_table(ops_by_task: dict, heads: dict, tasks: list[str]) -> str:
             lp = None if h["learned"] is None else h["learned"].get(split)
             hp = None if h["heuristic"] is None else h["heuristic"].get(split)
             gap = "-" if lp is None or hp is None else f"{100 * (lp['saved'] - hp['saved']):+.1f}"
+            ci = (h.get("gap_ci") or {}).get(split)
+            if ci is not None and gap != "-":
+                gap += f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
             if gap != "-":
                 gaps[split].append(100 * (lp["saved"] - hp["saved"]))
             lines.append(f"| {t} | {split} | {method_label(h['learned']['method']) if h['learned'] else '-'} | "
@@ -713,12 +742,16 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
     learned = ["berxit"] + [m for s in cfg.learners for m in (s, s + "+paper")]
     rl_learned = [m for s in cfg.learners for m in (s, s + "+paper")]
     heads = {t: headline(ops[t], rl_learned) for t in tasks}
+    for p in points:  # per-instance exits served the confidence intervals; not written
+        p.pop("_exits", None)
     md = [f"# Learned exits vs confidence heuristics ({', '.join(tasks)})", "",
           "Every knob (threshold, patience, layer, alpha, policy threshold) is chosen on calib; test splits are "
           "reported once. Cells: score (change vs full depth on that split) and saved layers. "
           f"'<= 1 pt' allows {100 * cfg.max_drop:g} point below full depth on calib.", "",
           "## Headline: best learned policy vs best heuristic, '<= 1 pt' chosen on calib", "",
-          headline_table(ops, heads, tasks), ""]
+          headline_table(ops, heads, tasks), "",
+          "Saved gap: learned minus heuristic saved layers on the test split, in brackets its 95% bootstrap "
+          "interval paired over the split's instances (the split's sampling noise; the calib choices are fixed).", ""]
     splits = list(dict.fromkeys(s for t in tasks for s in ops[t]["splits"]))
     for split in [s for s in splits if s != "calib"] + ["calib"]:
         for op, tag in (("max1", "<= 1 pt"), ("no_loss", "no loss")):

@@ -264,3 +264,21 @@ def test_repeated_crossfit_scores_every_calib_row_out_of_fold():
     np.testing.assert_allclose(out["dev"], 0.5)
     assert set(first) >= {"calib", "calib_fit", "dev"}
     np.testing.assert_array_equal(first["calib_fit"], 1.0)  # model 0 of split 0 on the rows it learned on
+
+
+def test_gap_ci_paired_over_instances():
+    from agents.benchmark import gap_ci
+
+    L, n = 6, 400
+    rng = np.random.default_rng(0)
+    heur = rng.integers(1, L + 1, n).astype(np.int8)
+    same = {"_exits": heur.copy(), "num_layers": L}
+    assert gap_ci(same, {"_exits": heur, "num_layers": L}) == [0.0, 0.0]
+    earlier = {"_exits": np.maximum(heur - 1, 1).astype(np.int8), "num_layers": L}  # exits one layer earlier if it can
+    lo, hi = gap_ci(earlier, {"_exits": heur, "num_layers": L})
+    gap = (heur.mean() - earlier["_exits"].mean()) / L
+    assert 0 < lo < gap < hi < 1 / L + 1e-9
+    noisy = {"_exits": rng.integers(1, L + 1, n).astype(np.int8), "num_layers": L}  # unrelated rule: wide, around 0
+    lo2, hi2 = gap_ci(noisy, {"_exits": heur, "num_layers": L})
+    assert lo2 < 0.05 and hi2 > -0.05 and hi2 - lo2 > hi - lo
+    assert gap_ci({"num_layers": L}, {"_exits": heur, "num_layers": L}) is None
