@@ -750,8 +750,8 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
           f"'<= 1 pt' allows {100 * cfg.max_drop:g} point below full depth on calib.", "",
           "## Headline: best learned policy vs best heuristic, '<= 1 pt' chosen on calib", "",
           headline_table(ops, heads, tasks), "",
-          "Saved gap: learned minus heuristic saved layers on the test split, in brackets its 95% bootstrap "
-          "interval paired over the split's instances (the split's sampling noise; the calib choices are fixed).", ""]
+          ("Saved gap: learned minus heuristic saved layers on the test split, in brackets its 95% bootstrap "
+           "interval paired over the split's instances (the split's sampling noise; the calib choices are fixed)."), ""]
     splits = list(dict.fromkeys(s for t in tasks for s in ops[t]["splits"]))
     for split in [s for s in splits if s != "calib"] + ["calib"]:
         for op, tag in (("max1", "<= 1 pt"), ("no_loss", "no loss")):
