@@ -25,6 +25,7 @@ ENTRY_POINTS = [
     ("benchmarks.env_throughput", "Args"),
     ("benchmarks.inference_speed", "Args"),
     ("benchmarks.llm_speed", "Args"),
+    ("benchmarks.exit_ceiling", "Args"),
     ("agents.reinforce", "Args"),
     ("agents.sb3", "Args"),
     ("agents.fqi", "Args"),
@@ -163,6 +164,8 @@ def test_llm_flags_keep_their_spelling():
     ("agents.cotrain", ["--env", "cee/Nope-v0"], "error: unknown task 'Nope'"),
     ("agents.cotrain", ["--env", "Nope"], "error: --env Nope: Environment `Nope` doesn't exist."),
     ("benchmarks.inference_speed", ["--checkpoint", "ck"], "error: --checkpoint / --dev-file need exactly one task"),
+    ("benchmarks.exit_ceiling", ["--pca", "0"], "error: --max-drop must be a finite number >= 0 and --pca >= 1"),
+    ("benchmarks.exit_ceiling", ["--tasks", "Nope"], "error: unknown task 'Nope'"),
 ])
 def test_user_errors_before_any_model_loads(module, argv, line, capsys, monkeypatch):
     monkeypatch.delenv("CEE_DEBUG", raising=False)
