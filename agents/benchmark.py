@@ -330,7 +330,6 @@ def _lte_fitter(cfg: BenchmarkConfig):
 def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig, log) -> tuple[list[dict], dict]:
     """BERxiT and every learner x alpha, cross-fitted on calib; points of every knob on every split."""
     fold_sets = [calib_folds(caches["calib"], cfg.calib_folds, cfg.seed + 1000 * r) for r in range(cfg.calib_repeats)]
-    folds = fold_sets[0]
     points, timing = [], {}
     families: dict[str, list[dict]] = {}  # method -> per alpha (knob path) the scores of model 0 (risk control)
     t0 = time.time()
@@ -354,7 +353,7 @@ def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig
         cal = choose([p for p in points if p["method"] == spec and p["split"] == "calib"], ref, cfg.max_drop)
         log(f"  [{task}] {spec}: {len(cfg.alphas)} alphas x {cfg.calib_folds} folds x {cfg.calib_repeats} splits in {timing[f'{spec}_s']:.0f} s; "
             f"calib <=1 pt: {_describe(cal)}")
-    return points, timing, families, folds[0]
+    return points, timing, families, fold_sets[0][0]
 
 
 def _describe(p: dict | None) -> str:

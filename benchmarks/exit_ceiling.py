@@ -39,8 +39,11 @@ import numpy as np
 from agents.benchmark import (
     BenchmarkConfig,
     calib_folds,
+    choose,
+    crossfit_scores,
     exits_at,
     load_caches,
+    score_points,
     threshold_grid,
 )
 from agents.evaluate import score_exits
@@ -146,61 +149,37 @@ class Probe:
         return out
 
 
-def point(c: LayerCache, exits: np.ndarray) -> tuple[float, float]:
-    """(metric, saved layers) when each instance exits at the 0-based layer ``exits``."""
-    r = score_exits(exits, c, "probe")
-    return r.metric, r.saved_layers
-
-
-def operating_point(calib: LayerCache, score_calib: np.ndarray, max_drop: float) -> float | None:
-    """The threshold saving the most calib layers within ``max_drop`` points of full depth on calib."""
-    full = point(calib, np.full(calib.num_instances, calib.num_layers - 1))[0]
-    best = None
-    for t in threshold_grid(score_calib, 200):
-        m, s = point(calib, exits_at(score_calib, t))
-        if m >= full - max_drop / 100 - 1e-9 and (best is None or s > best[0] + 1e-12):
-            best = (s, t)
-    return None if best is None else best[1]
-
-
-def crossfit(make, calib: LayerCache, test: LayerCache, folds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold scores on calib and the fold models' mean score on test."""
-    from cee_env.cache import take_rows
-
-    sc, st = np.zeros((calib.num_instances, calib.num_layers)), np.zeros((test.num_instances, test.num_layers))
-    for held in folds:
-        probe = make().fit(take_rows(calib, np.setdiff1d(np.arange(calib.num_instances), held)))
-        sc[held] = probe.score(take_rows(calib, held))
-        st += probe.score(test) / len(folds)
-    return sc, st
-
-
-def probe_task(task: str, args: Args, seed: int) -> list[dict]:
-    caches = load_caches(task, BenchmarkConfig(tasks=(task,), data_dir=args.data_dir, seed=seed), None, None)
-    calib, test = caches["calib"], caches["dev"]
-    folds = calib_folds(calib, 2, seed)
+def probe_task(task: str, args: Args) -> list[dict]:
+    """Every probe on one task, once per fold split in ``args.seeds``; the caches are loaded once."""
+    caches = load_caches(task, BenchmarkConfig(tasks=(task,), data_dir=args.data_dir), None, None)
+    calib = caches["calib"]
     L = calib.num_layers
-    full = {s: point(c, np.full(c.num_instances, L - 1))[0] for s, c in (("calib", calib), ("test", test))}
+    full = {s: score_exits(np.full(c.num_instances, L - 1), c, "full").metric for s, c in caches.items()}
     rows = []
 
-    def add(name: str, sc: np.ndarray, st: np.ndarray, seconds: float) -> None:
-        t = operating_point(calib, sc, args.max_drop)
+    def add(name: str, seed: int, scores: dict[str, np.ndarray], seconds: float) -> None:
+        """The benchmark's own choice: the calib point with the most saved layers within the drop."""
+        knobs = [({"threshold": t}, t) for t in threshold_grid(scores["calib"], 200)]
+        chosen = choose(score_points(task, name, {"calib": scores["calib"]}, caches, knobs), full["calib"],
+                        args.max_drop / 100)
         row = {"task": task, "probe": name, "seed": seed, "seconds": round(seconds, 1), "calib_n": calib.num_instances}
-        if t is not None:
-            for split, c, s in (("calib", calib, sc), ("test", test, st)):
-                m, saved = point(c, exits_at(s, t))
-                row[split] = {"metric": m, "change": m - full[split], "saved": saved}
+        if chosen is not None:
+            for label, split in (("calib", "calib"), ("test", "dev")):
+                r = score_exits(exits_at(scores[split], chosen["knob"]["threshold"]), caches[split], name)
+                row[label] = {"metric": r.metric, "change": r.metric - full[split], "saved": r.saved_layers}
         rows.append(row)
         cell = lambda r: (f"{100 * r['saved']:.1f}% ({100 * r['change']:+.1f})" if r else "-")
         print(f"  [{task} seed {seed}] {name:34s} calib {cell(row.get('calib'))}  test {cell(row.get('test'))}", flush=True)
 
-    add("max probability (Right-Tool)", confidence_features(calib.log_probs, L)[..., 0],
-        confidence_features(test.log_probs, L)[..., 0], 0.0)
-    for feats in FEATURES:
-        for model in MODELS:
-            t0 = time.time()
-            sc, st = crossfit(lambda f=feats, m=model: Probe(f, m, args.pca, seed), calib, test, folds)
-            add(f"{model}, {feats}", sc, st, time.time() - t0)
+    maxprob = {s: confidence_features(c.log_probs, L)[..., 0] for s, c in caches.items()}
+    for seed in args.seeds:
+        folds = calib_folds(calib, 2, seed)
+        add("max probability (Right-Tool)", seed, maxprob, 0.0)
+        for feats in FEATURES:
+            for model in MODELS:
+                t0 = time.time()
+                fit = lambda train, held, j, f=feats, m=model, sd=seed: Probe(f, m, args.pca, sd).fit(train).score
+                add(f"{model}, {feats}", seed, crossfit_scores(fit, caches, folds), time.time() - t0)
     return rows
 
 
@@ -228,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(Args, argv, __doc__)
     if not (args.max_drop >= 0 and np.isfinite(args.max_drop)) or args.pca < 1:
         raise UserError(f"--max-drop must be a finite number >= 0 and --pca >= 1; got {args.max_drop}, {args.pca}")
-    rows = [r for t in args.tasks for seed in args.seeds for r in probe_task(t, args, seed)]
+    rows = [r for t in args.tasks for r in probe_task(t, args)]
     out = Path(args.out) if args.out else runs_dir() / "benchmark" / "exit_ceiling.json"
     write_json(out, {"args": vars(args), "rows": rows}, indent=2)
     print(markdown(rows, args.tasks))
