@@ -1,4 +1,5 @@
-"""A multi-exit encoder: any BERT-family Hugging Face encoder with an internal
+"""A multi-exit model: a Hugging Face encoder or decoder (any family in :mod:`backbones.families`:
+BERT, RoBERTa, ELECTRA, DistilBERT, MPNet, DeBERTa-v2, Llama-family decoders) with an internal
 classifier after every layer, and a forward that runs one layer at a time.
 
 State s_l (what the internal classifier at layer l reads, and what the
@@ -9,6 +10,8 @@ environment reveals at step l) depends on ``pooling``:
   with mean pooling and whose [CLS] state is nearly empty below the top layer.
 - ``cls``: the [CLS] state through one shared BERT pooler (dense + tanh), as in
   the paper and PABEE. The default for plain BERT-style checkpoints.
+- ``last``: the last non-padding token's state after the decoder's final norm. The default
+  (and the only sensible choice) for decoder-only models, whose tokens see only the past.
 """
 from __future__ import annotations
 
@@ -19,14 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
-from transformers.masking_utils import create_bidirectional_mask
 
+from backbones.families import family_class, family_for
 from backbones.files import load_tensors, read_json, save_tensors, verify_sha256, write_json
 from backbones.paths import DEFAULT_ENCODER, resolve_model
 
 CONFIG_NAME = "multiexit.json"
 WEIGHTS_NAME = "model.safetensors"
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "last")
 
 
 @dataclass
@@ -46,7 +49,14 @@ class MultiExitConfig:
 
 
 def default_pooling(model_path: str) -> str:
-    """``mean`` for sentence-transformers checkpoints (they ship modules.json), else ``cls``."""
+    """``last`` for decoders, ``mean`` for sentence-transformers checkpoints (they ship modules.json),
+    else ``cls``."""
+    try:
+        fam = family_class(AutoConfig.from_pretrained(model_path).model_type)
+    except (OSError, ValueError):
+        fam = None
+    if fam is not None and fam.decoder:
+        return "last"
     return "mean" if (Path(model_path) / "modules.json").is_file() else "cls"
 
 
@@ -54,12 +64,13 @@ class MultiExitEncoder(nn.Module):
     def __init__(self, config: MultiExitConfig, encoder: nn.Module) -> None:
         super().__init__()
         self.config = config
-        self.encoder = encoder
-        if not hasattr(encoder, "embeddings") or not hasattr(getattr(encoder, "encoder", None), "layer"):
-            raise ValueError(
-                f"{type(encoder).__name__} is not a BERT-family encoder "
-                "(expected .embeddings and .encoder.layer)"
-            )
+        self.encoder = encoder  # the Hugging Face base model (encoder or decoder); its keys name the weights
+        self.family = family_for(encoder)  # how to embed, step one layer and finish a state (no parameters)
+        if config.pooling == "last" and not self.family.decoder:
+            raise ValueError(f"pooling 'last' is for decoders; {type(encoder).__name__} is an encoder (use mean or cls)")
+        if self.family.decoder and config.pooling != "last":
+            raise ValueError(f"{type(encoder).__name__} is a decoder: its states must be pooled with 'last', "
+                             f"not {config.pooling!r} (a token sees only the tokens before it)")
         hidden = encoder.config.hidden_size
         # The shared pooler of the paper (cls pooling), initialised from the checkpoint's pooler if it has one.
         self.pooler = None
@@ -115,29 +126,31 @@ class MultiExitEncoder(nn.Module):
     # ------------------------------------------------------------ layer by layer
     @property
     def layers(self) -> nn.ModuleList:
-        return self.encoder.encoder.layer
+        return self.family.layers()
 
     @property
     def num_layers(self) -> int:
-        return len(self.encoder.encoder.layer)
+        return self.family.num_layers
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
-        """Embeddings and the attention mask in the form the layers take."""
-        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        hidden = self.encoder.embeddings(input_ids=input_ids, **kw)
-        return hidden, self.layer_mask(hidden, attention_mask)
+        """Embeddings and the context the layers take (attention mask, position bias, ...)."""
+        return self.family.embed(input_ids, attention_mask, token_type_ids)
 
     def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
-        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        """The layers' context for this batch (rebuilt after rows leave it)."""
+        return self.family.context(hidden, attention_mask)
 
     def run_layer(self, l: int, hidden: torch.Tensor, layer_mask) -> torch.Tensor:
         """Apply layer ``l`` (0-based) to the token states."""
-        out = self.layers[l](hidden, attention_mask=layer_mask)
-        return out[0] if isinstance(out, tuple) else out
+        return self.family.run_layer(l, hidden, layer_mask)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.config.pooling == "cls":
             return self.pooler(hidden[:, 0])
+        if self.config.pooling == "last":  # the last non-padding token (either padding side)
+            pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            idx = (attention_mask.to(torch.long) * (pos + 1)).argmax(1)
+            return self.family.finish(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
@@ -179,9 +192,11 @@ def weights_sha256(ckpt_dir: str | os.PathLike) -> str:
 def load_tokenizer(path_or_ckpt: str | os.PathLike) -> PreTrainedTokenizerBase:
     """A checkpoint's own tokenizer if it saved one, else the encoder's."""
     p = Path(path_or_ckpt)
-    if (p / "tokenizer").is_dir():
-        return AutoTokenizer.from_pretrained(p / "tokenizer")
-    return AutoTokenizer.from_pretrained(resolve_model(str(path_or_ckpt)))
+    tok = AutoTokenizer.from_pretrained(p / "tokenizer" if (p / "tokenizer").is_dir() else resolve_model(str(p)))
+    if tok.pad_token is None:  # decoders often have none: pad with end-of-sequence (masked out anyway)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # layers and pooling assume real tokens first
+    return tok
 
 
 def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str = "eq1") -> torch.Tensor:

@@ -16,6 +16,14 @@ def default_llm_dir() -> Path:
     return runs_dir() / "llm" / "smollm2"
 
 
+def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The packaged SmolLM2 as a Hugging Face folder (de-quantised once from its GGUF)."""
+    folder = Path(cache_dir) if cache_dir else default_llm_dir()
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        load_llm(None, folder)
+    return folder
+
+
 def load_llm(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
              verbose: bool = True):
     """(model, tokenizer, info) with the model in float32 eval mode and gradients off.

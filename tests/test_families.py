@@ -1,0 +1,137 @@
+"""Layer stepping per architecture family: stepping the layers one at a time through the adapter gives
+the states of the model's own forward (``output_hidden_states``), and early-exit inference on that
+backbone gives the evaluator's predictions. Tiny random configs: no downloads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from backbones.families import SUPPORTED, family_for
+from backbones.multiexit import MultiExitConfig, MultiExitEncoder
+
+SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=37,
+             max_position_embeddings=64)
+
+CONFIGS = {
+    "bert": lambda: tf.BertConfig(**SMALL, type_vocab_size=2),
+    "roberta": lambda: tf.RobertaConfig(**SMALL, pad_token_id=1),
+    "electra": lambda: tf.ElectraConfig(**SMALL, embedding_size=16),
+    "distilbert": lambda: tf.DistilBertConfig(vocab_size=100, dim=32, n_layers=3, n_heads=2, hidden_dim=37,
+                                              max_position_embeddings=64),
+    "mpnet": lambda: tf.MPNetConfig(**SMALL),
+    "deberta-v2": lambda: tf.DebertaV2Config(**SMALL, relative_attention=True, position_buckets=8,
+                                             pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                                             conv_kernel_size=3, type_vocab_size=2),
+    "llama": lambda: tf.LlamaConfig(**SMALL, num_key_value_heads=1, pad_token_id=0),
+}
+
+
+def batch(n=3, t=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    for i, k in enumerate([t, t - 3, 4][:n]):  # ragged rows, right padding
+        mask[i, k:] = 0
+        ids[i, k:] = 0
+    return ids, mask
+
+
+def base_model(kind):
+    torch.manual_seed(0)
+    cfg = CONFIGS[kind]()
+    cfg._attn_implementation = "eager"
+    return tf.AutoModel.from_config(cfg).eval()
+
+
+def test_every_supported_family_is_tested():
+    assert {family_for(base_model(k)).__class__ for k in CONFIGS} == {type(family_for(base_model(k))) for k in CONFIGS}
+    tested = {base_model(k).config.model_type for k in CONFIGS}
+    assert {"bert", "roberta", "electra", "distilbert", "mpnet", "deberta-v2", "llama"} <= tested <= set(SUPPORTED)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_stepping_equals_the_models_own_forward(kind):
+    base = base_model(kind)
+    fam = family_for(base)
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        hidden, ctx = fam.embed(ids, mask)
+        steps = []
+        for l in range(fam.num_layers):
+            hidden = fam.run_layer(l, hidden, ctx)
+            steps.append(hidden)
+    assert fam.num_layers == 3 and len(ref) == 4
+    real = mask.bool()
+    for l in range(fam.num_layers):
+        want = ref[l + 1]
+        # a decoder's recorded last layer is after its final norm (what ``finish`` applies)
+        got = fam.finish(steps[l]) if fam.decoder and l == fam.num_layers - 1 else steps[l]
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_stepping_without_the_family_context_is_a_different_model(kind):
+    """The context carries what BERT's call signature leaves out (MPNet's relative position bias,
+    DeBERTa's relative embeddings, Llama's rotary positions): dropping it changes the states."""
+    if kind in ("bert", "roberta", "electra", "distilbert"):
+        pytest.skip("a plain mask is the whole context")
+    base = base_model(kind)
+    fam = family_for(base)
+    ids, mask = batch()
+    with torch.no_grad():
+        hidden, ctx = fam.embed(ids, mask)
+        good = fam.run_layer(0, hidden, ctx)
+        layer = fam.layers()[0]
+        from transformers.masking_utils import create_bidirectional_mask
+
+        try:
+            bad = layer(hidden, attention_mask=create_bidirectional_mask(config=base.config, inputs_embeds=hidden,
+                                                                         attention_mask=mask))
+        except (TypeError, ValueError, AttributeError, RuntimeError):
+            return  # the layer cannot even run on BERT's call signature
+        bad = bad[0] if isinstance(bad, tuple) else bad
+    assert not torch.allclose(good, bad, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_multi_exit_forward_and_early_exit_inference_agree(kind):
+    from agents.inference.early_exit_model import EarlyExitClassifier, full_depth_logits
+    from agents.policies.heuristics import MaxProbExit
+
+    base = base_model(kind)
+    fam = family_for(base)
+    pooling = "last" if fam.decoder else "cls"
+    model = MultiExitEncoder(MultiExitConfig(model="<config>", num_labels=3, pooling=pooling,
+                                             label_names=("a", "b", "c")), base).eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        logits, states = model(ids, mask, return_states=True)
+        assert logits.shape == (3, 3, 3) and states.shape == (3, 3, 32)
+        torch.testing.assert_close(full_depth_logits(model, ids, mask), logits[:, -1], atol=1e-5, rtol=1e-4)
+    logp = torch.log_softmax(logits, -1).numpy()
+    rule = MaxProbExit(threshold=float(np.median(np.exp(logp[:, 0]).max(-1))))
+    decide = np.ones((3, 3), dtype=bool)  # what the evaluator's exit_mask computes from cached outputs
+    for l in range(2):
+        decide[:, l] = rule.exit_at_layer(l, states[:, : l + 1].numpy(), logp[:, : l + 1])
+    want_exit = decide.argmax(1) + 1
+    assert len(set(want_exit)) > 1  # rows leave the batch at different layers
+    got_logp, got_exit, _ = EarlyExitClassifier(model, None, rule).classify_batch(ids, mask)
+    np.testing.assert_array_equal(got_exit, want_exit)
+    for i, e in enumerate(got_exit):
+        np.testing.assert_allclose(got_logp[i], logp[i, e - 1], atol=1e-5)
+
+
+def test_a_decoder_needs_last_pooling_and_an_encoder_refuses_it():
+    with pytest.raises(ValueError, match="decoder"):
+        MultiExitEncoder(MultiExitConfig(model="<config>", num_labels=2, pooling="mean"), base_model("llama"))
+    with pytest.raises(ValueError, match="for decoders"):
+        MultiExitEncoder(MultiExitConfig(model="<config>", num_labels=2, pooling="last"), base_model("bert"))
+
+
+def test_an_unsupported_architecture_is_named():
+    base = tf.AutoModel.from_config(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(ValueError, match="'gpt2'.*no multi-exit adapter"):
+        family_for(base)
