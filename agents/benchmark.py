@@ -88,6 +88,9 @@ class BenchmarkConfig:
     """thresholds per score: quantiles of the score on calib (plus fixed points)"""
     protocol: str | None = None
     """calib protocol: holdout or crossfit (default: each task's, backbones.protocol.default_protocol)"""
+    model: str | None = None
+    """backbone: all-MiniLM-L6-v2 (default), all-mpnet-base-v2 (12 layers), smollm2 (30-layer decoder) or a
+    Hugging Face path; each task's deployed checkpoint for it is trained if missing"""
     test_file: Repeatable = ()
     """TASK=PATH: a labelled test file for a task (repeatable); reported with the calib-chosen knobs"""
     checkpoint: Repeatable = ()
@@ -95,7 +98,7 @@ class BenchmarkConfig:
     data_dir: str | None = None
     """data directory (default $CEE_DATA_DIR or ../shared/data)"""
     out: str | None = None
-    """output folder (default runs/benchmark)"""
+    """output folder (default runs/benchmark, runs/benchmark-<model> with another --model)"""
     threads: int = 1
     """torch threads while training policies (backbones and caches are built with every core)"""
     plots: bool = True
@@ -282,7 +285,7 @@ def repeated_crossfit(make_fit, caches: dict[str, LayerCache], fold_sets: list[l
 
 def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig, repeat: int = 0):
     from backbones.files import write_json
-    from backbones.paths import runs_dir
+    from backbones.paths import model_suffix, runs_dir
 
     algo, obs, reward = parse_learner(spec)
 
@@ -712,7 +715,7 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
     cfg = cfg or BenchmarkConfig()
     for spec in cfg.learners:
         parse_learner(spec)
-    out_dir = Path(cfg.out) if cfg.out else runs_dir() / "benchmark"
+    out_dir = Path(cfg.out) if cfg.out else runs_dir() / ("benchmark" + model_suffix(cfg.model))
     log = (lambda m: None) if cfg.quiet else (lambda m: print(m, flush=True))
     timings = {t: dict(v) for t, v in (timings or {}).items()}
     points: list[dict] = []
@@ -801,7 +804,7 @@ def load_caches(task: str, cfg: BenchmarkConfig, test_file: str | None, checkpoi
         from cee_env.synthetic import make_synthetic_cache
 
         return {s: make_synthetic_cache(split=s, seed=cfg.seed) for s in ("calib", "dev")}
-    ckpt = checkpoint or deployed_checkpoint(task, cfg.protocol, cfg.data_dir)
+    ckpt = checkpoint or deployed_checkpoint(task, cfg.protocol, cfg.data_dir, cfg.model)
     kw = dict(task=task, checkpoint=ckpt, data_dir=cfg.data_dir)
     out = {"calib": get_cache(split="calib", **kw), "dev": get_cache(split="dev", **kw)}
     if test_file:

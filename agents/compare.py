@@ -38,7 +38,7 @@ from backbones.cli import parse, user_errors
 from backbones.files import write_json
 from agents.evaluate import evaluate
 from agents.policies import OracleExit, StaticExit
-from backbones.paths import runs_dir
+from backbones.paths import model_suffix, runs_dir
 from cee_env.cache import LayerCache
 
 ALGOS = ("reinforce", *sb3.ALGOS)
@@ -63,7 +63,7 @@ class Args(DataArgs):
     n_envs: int = 8
     """SB3: env copies in the DummyVecEnv"""
     name: str | None = None
-    """output folder under runs/compare (default: the env name, e.g. RTE-v0)"""
+    """output folder under runs/compare (default: the env name, e.g. RTE-v0, with -<model> for another --model)"""
     quiet: bool = False
     """print only the final table"""
 
@@ -75,7 +75,7 @@ def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> 
     t0 = time.time()
     if algo == "reinforce":
         ra = reinforce.Args(env=args.env, reward=args.reward, alpha=args.alpha, obs=args.obs, seed=seed, quiet=True,
-                            run_name=run_name, checkpoint=args.checkpoint, data_dir=args.data_dir)
+                            run_name=run_name, checkpoint=args.checkpoint, data_dir=args.data_dir, model=args.model)
         ra.total_env_steps = args.budget
         out = reinforce.train(ra, caches)
         res = out["results"]
@@ -85,7 +85,7 @@ def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> 
         sa = sb3.Args(algo=algo, env=args.env, reward=args.reward, alpha=args.alpha, obs=args.obs,
                       total_timesteps=args.budget,
                       n_envs=args.n_envs, eval_every=max(1, args.budget // 5), seed=seed, quiet=True,
-                      run_name=run_name, checkpoint=args.checkpoint, data_dir=args.data_dir)
+                      run_name=run_name, checkpoint=args.checkpoint, data_dir=args.data_dir, model=args.model)
         out = sb3.train(sa, caches)
         res = out["results"]
         env_steps, curve = res["env_steps"], [(float(x), float(y)) for x, y in res["reward_curve"]]
@@ -223,7 +223,7 @@ def compare(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     cee_env.env_task(args.env)  # registers cee/<Task>-v0 (a clear error for an unknown env id)
     if caches is None:
         caches = reinforce.make_caches(args)
-    out_dir = runs_dir() / "compare" / (args.name or args.env.split("/")[-1])
+    out_dir = runs_dir() / "compare" / (args.name or args.env.split("/")[-1] + model_suffix(args.model))
     rows = []
     for algo in algos:
         for seed in range(args.seeds):

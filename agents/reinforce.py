@@ -101,7 +101,8 @@ def make_caches(args) -> dict[str, LayerCache]:
         return {"train": make_synthetic_cache(split=split, seed=args.seed), "dev": make_synthetic_cache(split="dev", seed=args.seed)}
     from cee_env.cache import deployed_checkpoint, get_cache
 
-    ckpt = args.checkpoint or deployed_checkpoint(task, getattr(args, "protocol", None), args.data_dir)
+    ckpt = args.checkpoint or deployed_checkpoint(task, getattr(args, "protocol", None), args.data_dir,
+                                                  getattr(args, "model", None))
     kw = dict(task=task, checkpoint=ckpt, data_dir=args.data_dir)
     out = {"train": get_cache(split=split, **kw), "dev": get_cache(split="dev", **kw)}
     if args.test_file:

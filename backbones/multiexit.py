@@ -171,6 +171,22 @@ class MultiExitEncoder(nn.Module):
         return (out, torch.stack(states, 1)) if return_states else out
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``device`` (or ``$CEE_DEVICE``, else ``auto``): ``auto`` is CUDA when present, else the CPU."""
+    name = device or os.environ.get("CEE_DEVICE") or "auto"
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N); got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device (the default install is the CPU "
+                         "build of torch: see the README's 'On a GPU')")
+    return torch.device(name)
+
+
 def read_config(ckpt_dir: str | os.PathLike) -> dict:
     """A checkpoint's multiexit.json as a dict (its ``sha256`` entry included)."""
     d = Path(ckpt_dir)

@@ -77,6 +77,13 @@ def model_tag(name_or_path: str) -> str:
     return Path(str(name_or_path).rstrip("/")).name
 
 
+def model_suffix(model: str | None) -> str:
+    """``""`` for the default backbone, else ``-<model tag>``: output folders of runs on other backbones."""
+    if model in (None, DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2"):
+        return ""
+    return "-" + model_tag(model)
+
+
 def _mpnet_parts() -> list[Path]:
     from importlib import metadata
 

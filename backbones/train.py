@@ -34,7 +34,8 @@ from backbones import tasks as T
 from backbones.cli import UserError, one_line, parse, user_errors
 from backbones.data import Encoded, length_grouped_order, model_inputs, run_all_layers
 from backbones.files import claim, read_json, save_npy, write_json
-from backbones.multiexit import WEIGHTS_NAME, MultiExitEncoder, default_pooling, load_tokenizer, weighted_exit_loss
+from backbones.multiexit import (WEIGHTS_NAME, MultiExitEncoder, default_pooling, load_tokenizer, resolve_device,
+                                 weighted_exit_loss)
 from backbones.paths import DEFAULT_ENCODER, resolve_model, runs_dir
 from backbones.protocol import Partition, checkpoint_suffix, partition
 
@@ -76,10 +77,12 @@ class TrainConfig:
     """a JSON or TOML file describing your own task (name, train/dev/test files, columns, labels, metric;
     see backbones.tasks.load_task_file); it replaces --task"""
     model: str = DEFAULT_ENCODER
-    """encoder: the packaged all-MiniLM-L6-v2 by default, or any BERT-family local path / hub name"""
-    pooling: Literal["mean", "cls"] | None = None
-    """state the exits read: mean (masked mean of tokens) or cls ([CLS] through a shared pooler);
-    None: mean for sentence-transformers checkpoints, cls otherwise"""
+    """backbone: the packaged all-MiniLM-L6-v2 (6 layers) by default; all-mpnet-base-v2 (12 layers, the mpnet extra);
+    smollm2 (the packaged 30-layer SmolLM2-135M decoder); or a local path / hub name of any BERT, RoBERTa, ELECTRA,
+    DistilBERT, MPNet, DeBERTa-v2 or Llama-family model"""
+    pooling: Literal["mean", "cls", "last"] | None = None
+    """state the exits read: mean (masked mean of tokens), cls ([CLS] through a shared pooler) or last (a decoder's
+    last token after its final norm); None: last for decoders, mean for sentence-transformers checkpoints, else cls"""
     objective: Literal["eq1", "last"] = "eq1"  # other names come with an Objective (train(cfg, objective=...))
     """eq1: weighted CE over all exits (paper Eq 1-2, w_l = l); last: plain fine-tune of the last layer
     (Eq 6 and the joint variant: python -m agents.rl.backbone_stage)"""
@@ -124,6 +127,8 @@ class TrainConfig:
     """optimizer steps between resumable saves (0: only at epoch ends)"""
     eval_batch_size: int = 64
     """batch size for evaluation"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when torch sees a GPU (under accelerate launch, one per process), else the CPU"""
 
     def check(self) -> None:
         """Raise a :class:`~backbones.cli.UserError` naming the flag of the first value out of range."""
@@ -204,7 +209,7 @@ def layer_metrics(task: str, logp: np.ndarray, labels: np.ndarray) -> list[float
 # TrainConfig fields that do not change the weights: where files are read from or written to, how often
 # progress is saved, the evaluation batch size, files only scored. The train rows are compared by content.
 NOT_TRAINING = ("data_dir", "task_file", "train_file", "dev_file", "test_file", "out", "save_every",
-                "eval_batch_size")
+                "eval_batch_size", "device")
 STATE, PENDING_STATE = "state", "state.new"
 
 
@@ -222,7 +227,11 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> Path:
     from accelerate.utils import set_seed
 
     c = cfg.resolved()
-    acc = Accelerator()
+    try:
+        dev = resolve_device(c.device)
+    except ValueError as e:
+        raise UserError(f"--device: {e}") from e
+    acc = Accelerator(cpu=dev.type == "cpu")
     set_seed(c.seed)
     out = checkpoint_dir(c)
     splits = load_splits(c)  # errors in user data surface before anything is written

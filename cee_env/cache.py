@@ -195,14 +195,14 @@ CALIB_HALVES = ("calib-a", "calib-b")
 def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | None = None,
               data_dir: str | None = None, test_file: str | None = None, data_file: str | None = None,
               rebuild: bool = False, batch_size: int = 64, verbose: bool = True,
-              protocol: str | None = None) -> LayerCache:
+              protocol: str | None = None, model: str | None = None) -> LayerCache:
     """The layer cache of ``task``/``split`` under a stage-1 checkpoint, built on first use.
 
     Splits: ``train`` (the rows the checkpoint was fitted on), ``calib`` (rows it never
     saw: see :mod:`backbones.protocol`) and its two fixed halves ``calib-a`` / ``calib-b``
     (:func:`calib_half`), ``dev``, ``test`` (``test_file``). ``checkpoint``
-    defaults to the task's deployed checkpoint under ``protocol`` (trained if missing;
-    :func:`deployed_checkpoint`). ``data_file`` reads the split from another file. Caches
+    defaults to the task's deployed checkpoint under ``protocol`` for the backbone ``model`` (default
+    all-MiniLM-L6-v2; trained if missing: :func:`deployed_checkpoint`). ``data_file`` reads the split from another file. Caches
     live in ``runs/cache/<task>/`` keyed by a fingerprint of the checkpoint's weights, the
     data file's content and the rows taken; a corrupt or mismatched cache is rebuilt.
     """
@@ -211,7 +211,7 @@ def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | N
     spec = T.get_task(task)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    ckpt = Path(checkpoint) if checkpoint else deployed_checkpoint(spec.name, protocol, data_dir)
+    ckpt = Path(checkpoint) if checkpoint else deployed_checkpoint(spec.name, protocol, data_dir, model)
     if split == "calib":
         return _calib_cache(spec, ckpt, data_dir, data_file, rebuild, batch_size, verbose)
     if split in CALIB_HALVES:
@@ -250,8 +250,10 @@ def take_rows(cache: LayerCache, rows: np.ndarray, split: str | None = None) -> 
                       fingerprint=f"{cache.fingerprint}-rows-{digest}", meta={**cache.meta, "rows_of": rows.tolist()})
 
 
-def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | None = None) -> Path:
-    """The stage-1 checkpoint a task deploys under ``protocol`` (default: the task's), trained if missing.
+def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | None = None,
+                        model: str | None = None) -> Path:
+    """The stage-1 checkpoint a task deploys under ``protocol`` (default: the task's) for the backbone
+    ``model`` (default all-MiniLM-L6-v2; all-mpnet-base-v2, smollm2 or any Hugging Face path), trained if missing.
 
     ``holdout``: the backbone fitted on train minus a stratified held-out fraction (the
     calib rows), unless the task trains on a subset and has spare rows for calib;
@@ -264,8 +266,8 @@ def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | 
     if protocol not in P.PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(P.PROTOCOLS)}")
     if protocol == "holdout" and not _task_has_spare(task, data_dir):
-        return ensure_checkpoint(task, data_dir=data_dir, holdout=P.HOLDOUT)
-    return ensure_checkpoint(task, data_dir=data_dir)
+        return ensure_checkpoint(task, data_dir=data_dir, holdout=P.HOLDOUT, model=model)
+    return ensure_checkpoint(task, data_dir=data_dir, model=model)
 
 
 def _task_has_spare(task: str, data_dir: str | None) -> bool:
@@ -330,7 +332,7 @@ def _calib_cache(spec, ckpt: Path, data_dir, data_file, rebuild, batch_size, ver
 def _layer_pass(spec, ckpt: Path, split: str, ds, rows: np.ndarray | None, data_id: str,
                 rebuild: bool, batch_size: int, verbose: bool) -> LayerCache:
     """The cache of ``ckpt`` over ``ds`` (or its ``rows``), loaded when present and intact, else built."""
-    from backbones.multiexit import MultiExitEncoder, load_tokenizer, read_config
+    from backbones.multiexit import MultiExitEncoder, load_tokenizer, read_config, resolve_device
     from backbones.paths import runs_dir
 
     cfg = read_config(ckpt)
@@ -351,7 +353,7 @@ def _layer_pass(spec, ckpt: Path, split: str, ds, rows: np.ndarray | None, data_
             return cached
         if verbose:
             print(f"building the layer cache for {spec.name}/{split} ({len(ds)} instances) from {ckpt}")
-        model = MultiExitEncoder.load(ckpt)
+        model = MultiExitEncoder.load(ckpt).to(resolve_device())  # $CEE_DEVICE, else CUDA when present
         meta = {"checkpoint": str(ckpt), "source": data_id, "pooling": cfg["pooling"]}
         if rows is not None:
             meta["rows"] = rows.tolist()

@@ -25,6 +25,7 @@ def resolve_cache(
     data_dir: str | None,
     test_file: str | None,
     cache_kwargs: dict[str, Any] | None,
+    model: str | None = None,
 ) -> LayerCache:
     """The cache to serve: ``cache`` itself, the synthetic one (task "Synthetic") or ``get_cache(task, ...)``."""
     if (cache is None) == (task is None):
@@ -41,7 +42,7 @@ def resolve_cache(
 
     out = get_cache(
         task=task, split=split or "train", checkpoint=checkpoint, data_dir=data_dir,
-        test_file=test_file, **(cache_kwargs or {}),
+        test_file=test_file, **({"model": model} if model else {}), **(cache_kwargs or {}),
     )
     if not isinstance(out, LayerCache):
         raise TypeError(f"get_cache returned {type(out).__name__}, expected LayerCache")
@@ -198,6 +199,7 @@ class EarlyExitEnv(gym.Env[np.ndarray, int]):
         task: str | None = None,
         split: str | None = None,
         checkpoint: str | None = None,
+        model: str | None = None,
         data_dir: str | None = None,
         test_file: str | None = None,
         cache_kwargs: dict[str, Any] | None = None,
@@ -212,7 +214,7 @@ class EarlyExitEnv(gym.Env[np.ndarray, int]):
     ) -> None:
         if render_mode is not None:
             raise ValueError(f"EarlyExitEnv has no render modes; got render_mode={render_mode!r}")
-        self.cache = resolve_cache(cache, task, split, checkpoint, data_dir, test_file, cache_kwargs)
+        self.cache = resolve_cache(cache, task, split, checkpoint, data_dir, test_file, cache_kwargs, model)
         self.split = split or self.cache.split or "train"
         self.sequential = (self.split not in ("train", "calib")) if sequential is None else bool(sequential)
         self.reward_kind, self.alpha, self.obs_mode = reward, float(alpha), obs

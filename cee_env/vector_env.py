@@ -46,6 +46,7 @@ class EarlyExitVectorEnv(VectorEnv):
         task: str | None = None,
         split: str | None = None,
         checkpoint: str | None = None,
+        model: str | None = None,
         data_dir: str | None = None,
         test_file: str | None = None,
         cache_kwargs: dict[str, Any] | None = None,
@@ -64,7 +65,7 @@ class EarlyExitVectorEnv(VectorEnv):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1; got {num_envs}")
         self.num_envs = n = int(num_envs)
-        self.cache = resolve_cache(cache, task, split, checkpoint, data_dir, test_file, cache_kwargs)
+        self.cache = resolve_cache(cache, task, split, checkpoint, data_dir, test_file, cache_kwargs, model)
         self.split = split or self.cache.split or "train"
         self.sequential = (self.split not in ("train", "calib")) if sequential is None else bool(sequential)
         self.reward_kind, self.alpha, self.obs_mode, self.copy = reward, float(alpha), obs, bool(copy)

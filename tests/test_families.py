@@ -135,3 +135,95 @@ def test_an_unsupported_architecture_is_named():
     base = tf.AutoModel.from_config(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(ValueError, match="'gpt2'.*no multi-exit adapter"):
         family_for(base)
+
+
+# --------------------------------------------------------------------------- the packaged 12-layer MPNet
+def _fake_parts(tmp_path, payload: dict[str, bytes]) -> list:
+    """A zip laid out like the packaged one (a top folder), split into 3 parts like the five real ones."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in payload.items():
+            z.writestr(f"all-mpnet-base-v2/{name}", data)
+    blob = buf.getvalue()
+    cut = [0, len(blob) // 3, 2 * len(blob) // 3, len(blob)]
+    parts = []
+    for i in range(3):
+        p = tmp_path / f"all-mpnet-base-v2.zip.00{i + 1}"
+        p.write_bytes(blob[cut[i]:cut[i + 1]])
+        parts.append(p)
+    return parts
+
+
+def test_mpnet_is_assembled_once_checked_and_rebuilt_when_edited(tmp_runs, tmp_path, monkeypatch):
+    from backbones import paths
+
+    parts = _fake_parts(tmp_path, {"config.json": b'{"model_type": "mpnet"}', "model.safetensors": b"w" * 1000,
+                                   "desktop.ini": b"junk", "1_Pooling/config.json": b"{}"})
+    calls = []
+    monkeypatch.setattr(paths, "_mpnet_parts", lambda: calls.append(1) or parts)
+    d = paths.resolve_model("all-mpnet-base-v2")
+    assert (paths.Path(d) / "model.safetensors").read_bytes() == b"w" * 1000
+    assert (paths.Path(d) / "1_Pooling" / "config.json").is_file() and not (paths.Path(d) / "desktop.ini").exists()
+    assert paths.resolve_model("sentence-transformers/all-mpnet-base-v2") == d and len(calls) == 1  # once
+    (paths.Path(d) / "model.safetensors").write_bytes(b"x" * 1000)  # edited weights: assembled again
+    assert paths.resolve_model("all-mpnet-base-v2") == d and len(calls) == 2
+    assert (paths.Path(d) / "model.safetensors").read_bytes() == b"w" * 1000
+
+
+def test_missing_mpnet_parts_name_the_install_command(tmp_runs, monkeypatch):
+    from backbones import paths
+
+    monkeypatch.setattr(paths, "MPNET_PARTS", ("no-such-package-part-001",))
+    with pytest.raises(FileNotFoundError, match=r"no-such-package-part-001.*pip install -e '\.\[mpnet\]'"):
+        paths.resolve_model("all-mpnet-base-v2")
+
+
+def test_a_damaged_mpnet_zip_is_refused_with_the_reinstall_command(tmp_runs, tmp_path, monkeypatch):
+    from backbones import paths
+
+    parts = _fake_parts(tmp_path, {"config.json": b"{}", "model.safetensors": b"w"})
+    parts[1].write_bytes(b"garbage")
+    monkeypatch.setattr(paths, "_mpnet_parts", lambda: parts)
+    with pytest.raises(FileNotFoundError, match="force-reinstall"):
+        paths.resolve_model("all-mpnet-base-v2")
+    assert not (paths.runs_dir() / "models" / "all-mpnet-base-v2").exists()  # nothing half-written
+
+
+def test_the_model_flag_reaches_the_deployed_checkpoint_and_output_folders(tiny_encoder_dir):
+    from backbones.paths import model_suffix
+    from backbones.train import TrainConfig, checkpoint_dir
+
+    assert model_suffix(None) == "" and model_suffix("all-MiniLM-L6-v2") == ""
+    assert model_suffix("all-mpnet-base-v2") == "-all-mpnet-base-v2" and model_suffix("/x/y/smollm2/") == "-smollm2"
+    r = TrainConfig(task="RTE", model=str(tiny_encoder_dir), holdout=0.3, pooling="cls").resolved()
+    assert checkpoint_dir(r).name == "RTE-tiny-bert-cls-eq1-s0-holdout0.3"
+
+
+def test_device_auto_is_the_cpu_here_and_a_missing_gpu_is_named(monkeypatch):
+    from backbones.multiexit import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu" and resolve_device(None).type == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    monkeypatch.setenv("CEE_DEVICE", "cpu")
+    assert resolve_device().type == "cpu"
+
+
+def test_gym_make_with_a_model_trains_and_serves_that_backbone(tmp_runs, tiny_task, tiny_encoder_dir):
+    import gymnasium as gym
+
+    import cee_env
+    from conftest import TINY_TASK
+
+    env_id = cee_env.register_task_env(TINY_TASK)
+    env = gym.make(env_id, split="calib", model=str(tiny_encoder_dir), obs="confidence")
+    ckpt = env.unwrapped.cache.meta["checkpoint"]
+    assert "tiny-bert" in ckpt and env.unwrapped.num_layers == 2
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
