@@ -709,7 +709,7 @@ def risk_table(risk: dict, tasks: list[str], setting: str, reps: int) -> str:
 def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: BenchmarkConfig | None = None,
                   timings: dict[str, dict] | None = None) -> dict:
     """The comparison on given caches ({task: {"calib", "dev"[, "test"]}}); writes and returns the results."""
-    from backbones.files import write_json, write_text
+    from backbones.files import stored_path, write_json, write_text
     from backbones.paths import runs_dir
 
     cfg = cfg or BenchmarkConfig()
@@ -773,7 +773,10 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
         if any(s.startswith("reinforce:state:") for s in cfg.learners):
             files["ablation"] = out_dir / "fig4_reward_ablation.png"
             plot_ablation(points, tasks, files["ablation"])
+    ckpts = {t: stored_path(c["calib"].meta["checkpoint"]) for t, c in caches_by_task.items()
+             if c["calib"].meta.get("checkpoint")}  # the backbone each task ran on (stage-1 curves: depth_table)
     result = {"config": asdict(cfg), "timing": timings, "operating_points": ops, "headline": heads, "risk_control": risk,
+              "checkpoints": ckpts,
               "learned_methods": learned, "points": points, "files": {k: str(v) for k, v in files.items()}}
     write_json(files["results"], result)
     result["markdown"] = markdown

@@ -123,6 +123,18 @@ def test_run_benchmark_end_to_end(tmp_runs, tmp_path):
     md = (out / "table.md").read_text()
     assert "## Risk control: consistency <= 0.02 with probability >= 0.9" in md
     assert "## Headline" in md and "| SynA | test |" in md and "| SynA | dev |" in md and "never read while choosing" in md
+    # benchmarks.depth_table reads the same results.json: one row per task and backbone, gap = saved difference
+    from benchmarks.depth_table import main as depth_main, rows
+
+    head, _ = rows({"bench": data, "again": data}, "test")
+    assert len(head) == 2 and all(r.startswith("| SynA |") for r in head)  # SynB has no test split
+    h = data["headline"]["SynA"]
+    gap = 100 * (h["learned"]["test"]["saved"] - h["heuristic"]["test"]["saved"])
+    assert f"| {h['heuristic']['method']} |" in head[0] and f"| {gap:+.1f} |" in head[0]
+    assert data["checkpoints"] == {}  # synthetic caches come from no checkpoint
+    with pytest.raises(SystemExit) as e:
+        depth_main(["--benchmarks", str(tmp_path / "nowhere")])
+    assert e.value.code == 2
 
 
 def test_scrambled_test_labels_change_no_choice(tmp_runs, tmp_path):
