@@ -415,18 +415,19 @@ def operating_points(points: list[dict], task: str, max_drop: float) -> dict:
     return out
 
 
-def gap_ci(learned: dict, heuristic: dict, level: float = 0.95, seed: int = 0) -> list[float] | None:
+def gap_ci(learned: dict, heuristic: dict, level: float = 0.95, seed: int = 0) -> list[float] | str | None:
     """Bootstrap confidence interval (scipy.stats.bootstrap, BCa, 2,000 resamples) of the saved-layers gap
     learned - heuristic on one split, paired over its instances: the uncertainty of that split's sampling,
-    not of the calib choices. None without per-instance exits."""
+    not of the calib choices. ``"exact"`` when every instance has the same difference (e.g. both rules
+    exit every instance at one layer: no sampling noise to bound); None without per-instance exits."""
     from scipy.stats import bootstrap
 
     el, eh = learned.get("_exits"), heuristic.get("_exits")
     if el is None or eh is None or len(el) != len(eh) or len(el) < 2:
         return None
     d = (eh.astype(np.float64) - el.astype(np.float64)) / learned["num_layers"]
-    if np.ptp(d) == 0:  # every instance the same difference (e.g. both rules exit at one layer)
-        return [float(d[0]), float(d[0])]
+    if np.ptp(d) == 0:  # every instance the same difference: a bootstrap has nothing to resample
+        return "exact"
     ci = bootstrap((d,), np.mean, confidence_level=level, n_resamples=2000, method="BCa",
                    random_state=np.random.default_rng(seed)).confidence_interval
     return [float(ci.low), float(ci.high)]
@@ -503,7 +504,9 @@ def headline_table(ops_by_task: dict, heads: dict, tasks: list[str]) -> str:
             hp = None if h["heuristic"] is None else h["heuristic"].get(split)
             gap = "-" if lp is None or hp is None else f"{100 * (lp['saved'] - hp['saved']):+.1f}"
             ci = (h.get("gap_ci") or {}).get(split)
-            if ci is not None and gap != "-":
+            if ci == "exact" and gap != "-":
+                gap += " (exact: the same on every instance)"
+            elif ci is not None and gap != "-":
                 gap += f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
             if gap != "-":
                 gaps[split].append(100 * (lp["saved"] - hp["saved"]))
@@ -753,7 +756,8 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
           "## Headline: best learned policy vs best heuristic, '<= 1 pt' chosen on calib", "",
           headline_table(ops, heads, tasks), "",
           ("Saved gap: learned minus heuristic saved layers on the test split, in brackets its 95% bootstrap "
-           "interval paired over the split's instances (the split's sampling noise; the calib choices are fixed)."), ""]
+           "interval paired over the split's instances (the split's sampling noise; the calib choices are fixed); "
+           "'exact' when both rules' exits differ by the same amount on every instance (nothing to resample)."), ""]
     splits = list(dict.fromkeys(s for t in tasks for s in ops[t]["splits"]))
     for split in [s for s in splits if s != "calib"] + ["calib"]:
         for op, tag in (("max1", "<= 1 pt"), ("no_loss", "no loss")):
@@ -838,6 +842,33 @@ def check(cfg: BenchmarkConfig) -> None:
         raise UserError(f"--ltt-resplits must be >= 0; got {cfg.ltt_resplits}")
 
 
+def check_paths(cfg: BenchmarkConfig, tests: dict[str, str], ckpts: dict[str, str]) -> None:
+    """Every path flag checked before any backbone or cache is built: test files exist and read as their
+    task's format, checkpoints are folders, the data directory exists, the output folder can be written."""
+    import os
+
+    from backbones.cli import UserError
+    from backbones.tasks import load_split
+
+    if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
+        raise UserError(f"--data-dir {cfg.data_dir}: no such directory")
+    for task, path in tests.items():
+        if not Path(path).expanduser().is_file():
+            raise UserError(f"--test-file {task}={path}: no such file")
+        if task.lower() != "synthetic":
+            load_split(task, "test", path=path)  # a malformed file fails now, not after the backbone is built
+    for task, path in ckpts.items():
+        if not Path(path).expanduser().is_dir():
+            raise UserError(f"--checkpoint {task}={path}: no such checkpoint folder")
+    if cfg.out is not None:
+        out = Path(cfg.out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {cfg.out}: exists and is not a folder")
+        base = next(p for p in (out, *out.parents) if p.exists())
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            raise UserError(f"--out {cfg.out}: {base} is not a writable folder")
+
+
 def main(argv: list[str] | None = None) -> dict:
     from backbones.cli import parse, user_errors
 
@@ -849,6 +880,7 @@ def _main(cfg: BenchmarkConfig) -> dict:
 
     check(cfg)
     tests, ckpts = _pairs(cfg.test_file, "--test-file", cfg.tasks), _pairs(cfg.checkpoint, "--checkpoint", cfg.tasks)
+    check_paths(cfg, tests, ckpts)
     t_all = time.time()
     caches_by_task, timings = {}, {}
     for task in cfg.tasks:

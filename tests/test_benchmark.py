@@ -285,7 +285,7 @@ def test_gap_ci_paired_over_instances():
     rng = np.random.default_rng(0)
     heur = rng.integers(1, L + 1, n).astype(np.int8)
     same = {"_exits": heur.copy(), "num_layers": L}
-    assert gap_ci(same, {"_exits": heur, "num_layers": L}) == [0.0, 0.0]
+    assert gap_ci(same, {"_exits": heur, "num_layers": L}) == "exact"  # no interval from nothing to resample
     earlier = {"_exits": np.maximum(heur - 1, 1).astype(np.int8), "num_layers": L}  # exits one layer earlier if it can
     lo, hi = gap_ci(earlier, {"_exits": heur, "num_layers": L})
     gap = (heur.mean() - earlier["_exits"].mean()) / L
@@ -294,3 +294,35 @@ def test_gap_ci_paired_over_instances():
     lo2, hi2 = gap_ci(noisy, {"_exits": heur, "num_layers": L})
     assert lo2 < 0.05 and hi2 > -0.05 and hi2 - lo2 > hi - lo
     assert gap_ci({"num_layers": L}, {"_exits": heur, "num_layers": L}) is None
+
+
+def test_headline_shows_a_constant_gap_as_exact_not_as_an_interval():
+    from agents.benchmark import headline_table
+
+    def pt(saved):
+        return {"metric": 0.6, "saved": saved, "metric_name": "accuracy"}
+
+    ops = {"T": {"splits": ["calib", "dev"], "full": {"dev": pt(0.0)}}}
+    head = {"learned": {"method": "berxit", "dev": pt(5 / 6)}, "heuristic": {"method": "static", "dev": pt(4 / 6)}}
+    exact = headline_table(ops, {"T": {**head, "gap_ci": {"dev": "exact"}}}, ["T"])
+    assert "+16.7 (exact: the same on every instance)" in exact and "[+16.7, +16.7]" not in exact
+    assert "+16.7 [+10.0, +20.0]" in headline_table(ops, {"T": {**head, "gap_ci": {"dev": [0.1, 0.2]}}}, ["T"])
+
+
+def test_path_flags_are_checked_before_any_backbone_or_cache(tmp_path, monkeypatch, capsys):
+    import agents.benchmark as B
+
+    monkeypatch.setattr(B, "load_caches", lambda *a, **k: pytest.fail("started building before checking the paths"))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("index\tsentence1\n0\tonly one column\n")
+    (tmp_path / "file").write_text("")
+    for argv, msg in ((["--test-file", f"RTE={tmp_path / 'missing.tsv'}"], "--test-file RTE="),
+                      (["--test-file", f"RTE={bad}"], "missing column"),
+                      (["--checkpoint", f"RTE={tmp_path / 'nockpt'}"], "no such checkpoint folder"),
+                      (["--data-dir", str(tmp_path / "nodata")], "--data-dir"),
+                      (["--out", str(tmp_path / "file" / "sub")], "is not a writable folder")):
+        with pytest.raises(SystemExit) as e:
+            B.main(["--tasks", "RTE", *(["--out", str(tmp_path / "o")] if "--out" not in argv else []), *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
