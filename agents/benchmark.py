@@ -663,9 +663,8 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
                 fam = [fam[choose_path(fam, cal_fit, risk, eps, delta)]]
                 grids = [conservative_grid(fam[0]["calib_fit"])]
             cal_scores = [f["calib"] for f in fam]
-            if not learned:
-                grids = [rule_scores(rule, cal)[1] if rule in ("static", "patience") else conservative_grid(sc)
-                         for sc in cal_scores]
+            if not learned:  # a grid fixed by the rule's score range, before its calib scores are seen
+                grids = [rule_scores(rule, cal)[1]]
             c = learn_then_test(cal_scores, grids, cal, risk, eps, delta)
             row = {"calibration": c.to_dict(), "alpha": fam[0].get("alpha")}
             for split, cache in caches.items():
@@ -680,8 +679,7 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
                 pool = _concat(cal, caches["dev"])
                 scores = [np.concatenate([f["calib"], f["dev"]]) for f in fam]
                 row["validation"] = resplit_validation(scores, pool, cal.num_instances, risk, eps, delta,
-                                                       cfg.ltt_resplits, cfg.seed,
-                                                       grids=grids if learned else None)
+                                                       cfg.ltt_resplits, cfg.seed, grids=grids)
             res[name] = row
     return out
 
