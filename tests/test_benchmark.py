@@ -326,3 +326,21 @@ def test_path_flags_are_checked_before_any_backbone_or_cache(tmp_path, monkeypat
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_risk_summary_picks_the_best_methods_on_calib_not_on_test():
+    from benchmarks.risk_summary import summary
+
+    def row(calib, redraw, test):
+        return {"calibration": {"threshold": 0.5 if calib is not None else None, "saved": calib},
+                "validation": {"violation_frequency": 0.05, "mean_population_saved": redraw}, "dev": {"saved": test}}
+
+    rows = {"maxprob": row(0.40, 0.41, 0.30), "deebert": row(0.30, 0.50, 0.60),  # deebert best on test only
+            "ppo:confidence:consistency": row(0.45, 0.30, 0.35), "fqi:confidence:consistency": row(None, 0.9, 0.9)}
+    res = {"config": {"ltt": ["consistency:0.02:0.1"], "tasks": ["T"]},
+           "risk_control": {"T": {"consistency:0.02:0.1": rows}}}
+    md = summary(res)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| T |"))
+    assert "PPO confidence/consistency | 45.0%, 30.0%, 35.0%" in line
+    assert "Right-Tool (max prob) | 40.0%, 41.0%, 30.0%" in line and "DeeBERT" not in line and "FQI" not in line
+    assert "on 1 of 1 tasks (T)." in md
