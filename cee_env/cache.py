@@ -253,7 +253,7 @@ def take_rows(cache: LayerCache, rows: np.ndarray, split: str | None = None) -> 
 
 
 def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | None = None,
-                        model: str | None = None) -> Path:
+                        model: str | None = None, seed: int | None = None) -> Path:
     """The stage-1 checkpoint a task deploys under ``protocol`` (default: the task's) for the backbone
     ``model`` (default all-MiniLM-L6-v2; all-mpnet-base-v2, smollm2 or any Hugging Face path), trained if missing.
 
@@ -268,8 +268,8 @@ def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | 
     if protocol not in P.PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(P.PROTOCOLS)}")
     if protocol == "holdout" and not _task_has_spare(task, data_dir):
-        return ensure_checkpoint(task, data_dir=data_dir, holdout=P.HOLDOUT, model=model)
-    return ensure_checkpoint(task, data_dir=data_dir, model=model)
+        return ensure_checkpoint(task, data_dir=data_dir, holdout=P.HOLDOUT, model=model, seed=seed)
+    return ensure_checkpoint(task, data_dir=data_dir, model=model, seed=seed)
 
 
 def _task_has_spare(task: str, data_dir: str | None) -> bool:
