@@ -20,11 +20,13 @@ score passes its knob (the last layer always exits).
   reward; each twice: the paper's rule (pi > 0.5, alpha chosen) and with the exit
   threshold chosen too.
 
-Learned methods are cross-fitted on calib: ``--calib-folds`` K models, each trained on K-1
-folds and scoring the fold it did not see; their out-of-fold scores choose the knob, and
-the deployed rule averages the K models' scores (``--calib-repeats R``: R fold splits, each calib
-row's out-of-fold scores averaged, the deployed rule the mean of K x R models). Heuristics choose
-on the whole of calib.
+Learned methods are cross-fitted on calib so that the knob is chosen on the kind of rule that is
+deployed: ``--calib-folds`` K models, each trained on K-1 folds, score the fold they did not see,
+and (``--deploy refit``, the default) one model refitted on all of calib is deployed; ``--deploy
+nested`` deploys the mean of the K models and scores each calib row by the mean of K models
+trained on inner folds of the other folds; ``mean`` deploys the mean while calib is scored by
+single models (the mismatch before issue 21). ``--calib-repeats R``: R fold splits, each calib
+row's out-of-fold scores averaged. Heuristics choose on the whole of calib.
 
 Operating points, chosen on calib for every method alike: "no loss" = the most saved layers
 with a calib score >= the full-depth calib score; "<= 1 pt" = at most ``--max-drop`` below.
@@ -73,6 +75,12 @@ class BenchmarkConfig:
     """depth penalties to sweep, one policy per alpha and fold"""
     calib_folds: int = 2
     """cross-fitting folds of calib for the learned methods"""
+    deploy: str = "refit"
+    """the learned methods' deployed rule and the calib scores its knob is chosen on: refit (one model trained on
+    all of calib; calib scored by single out-of-fold models), nested (the mean of the K fold models; calib scored
+    by the mean of K inner-fold models) or mean (the mean of the K fold models while calib is scored by single
+    out-of-fold models: the rule chosen is not the rule deployed; the behaviour before issue 21). refit saved the
+    most on held-out calib rows (docs/benchmark.md, benchmarks.deploy_modes)"""
     calib_repeats: int = 1
     """repeated cross-fitting: this many fold splits of calib, each row's calib score averaged over its
     out-of-fold models, the deployed rule the mean of all folds x repeats models (less variance, more training)"""
@@ -198,28 +206,58 @@ def calib_folds(cache: LayerCache, k: int, seed: int) -> list[np.ndarray]:
     return [np.flatnonzero(ids == j) for j in range(k)]
 
 
+DEPLOY_MODES = ("refit", "nested", "mean")
+
+
 def crossfit_scores(fit, caches: dict[str, LayerCache], folds: list[np.ndarray],
-                    first_model: dict | None = None) -> dict[str, np.ndarray]:
-    """``fit(train_cache, held_cache, j)`` -> score function; out-of-fold scores on calib, fold-mean elsewhere.
+                    first_model: dict | None = None, deploy: str = "refit", seed: int = 0) -> dict[str, np.ndarray]:
+    """``fit(train_cache, held_cache, j)`` -> score function (``j`` numbers the model); calib scores out of fold,
+    and the scores of the deployed rule elsewhere, so that the rule whose calib figure is chosen is the rule
+    deployed (``deploy``):
+
+    - ``nested``: deployed, the mean of the K fold models; a calib row in fold k is scored by the mean of K
+      models trained on inner folds of the other folds (none saw the row): the same averaged rule, each of its
+      models trained on ((K-1)/K)^2 of calib instead of (K-1)/K. K x (K + 1) models.
+    - ``refit``: deployed, one model trained on all of calib; a calib row is scored by the single model that did
+      not learn on its fold (a single model, on less data). K + 1 models.
+    - ``mean``: deployed, the mean of the K fold models, while calib is scored by single out-of-fold models: the
+      calib figure describes another rule than the one deployed. K models.
 
     ``first_model``, if given, receives the scores of model 0 alone (trained without fold 0): on fold 0's
     calib rows ("calib"), on the calib rows it learned on ("calib_fit") and on every other split; risk
     control picks its knob path on "calib_fit" and calibrates it on fold 0."""
+    if deploy not in DEPLOY_MODES:
+        raise ValueError(f"deploy must be one of {DEPLOY_MODES}; got {deploy!r}")
     calib = caches["calib"]
+    K = len(folds)
     out = {s: np.zeros((c.num_instances, c.num_layers)) for s, c in caches.items()}
     for j, held in enumerate(folds):
         rest = np.setdiff1d(np.arange(calib.num_instances), held)
         score = fit(take(calib, rest), take(calib, held), j)
-        out["calib"][held] = score(take(calib, held))
+        single = score(take(calib, held))
+        if deploy == "nested":  # the mean of K inner models, none trained on fold j
+            sub = take(calib, rest)
+            inner = calib_folds(sub, K, seed + 7919 * (j + 1))
+            out["calib"][held] = np.mean([
+                fit(take(sub, np.setdiff1d(np.arange(len(rest)), h)), take(sub, h), K + j * K + i)(take(calib, held))
+                for i, h in enumerate(inner)], axis=0)
+        else:
+            out["calib"][held] = single
         for s, c in caches.items():
             if s != "calib":
                 sc = score(c)
-                out[s] += sc / len(folds)
+                if deploy != "refit":
+                    out[s] += sc / K
                 if j == 0 and first_model is not None:
                     first_model[s] = sc
         if j == 0 and first_model is not None:
-            first_model["calib"] = out["calib"][held].copy()
+            first_model["calib"] = single.copy()
             first_model["calib_fit"] = score(take(calib, rest))
+    if deploy == "refit":  # one model on every calib row (its calib scores would be in-sample: never read)
+        score = fit(calib, calib, K)  # (the held cache only feeds a learner's own evaluation log)
+        for s, c in caches.items():
+            if s != "calib":
+                out[s] = score(c)
     return out
 
 
@@ -274,11 +312,11 @@ def _reuse(run_dir: Path, key: str):
 
 
 def repeated_crossfit(make_fit, caches: dict[str, LayerCache], fold_sets: list[list[np.ndarray]],
-                      first_model: dict | None = None) -> dict[str, np.ndarray]:
+                      first_model: dict | None = None, deploy: str = "refit", seed: int = 0) -> dict[str, np.ndarray]:
     """:func:`crossfit_scores` once per fold split (``make_fit(r)`` gives split r's fitter), averaged: every calib
-    row's score is the mean of its out-of-fold scores, every other split's the mean of all models.
+    row's score is the mean of its out-of-fold scores, every other split's the mean of the deployed rules.
     ``first_model`` is filled from split 0's model 0 (as :func:`crossfit_scores` does)."""
-    outs = [crossfit_scores(make_fit(r), caches, folds, first_model if r == 0 else None)
+    outs = [crossfit_scores(make_fit(r), caches, folds, first_model if r == 0 else None, deploy, seed + 1000 * r)
             for r, folds in enumerate(fold_sets)]
     return {s: np.mean([o[s] for o in outs], axis=0) for s in outs[0]}
 
@@ -337,7 +375,7 @@ def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig
     families: dict[str, list[dict]] = {}  # method -> per alpha (knob path) the scores of model 0 (risk control)
     t0 = time.time()
     families["berxit"] = [{}]
-    s = repeated_crossfit(lambda r: _lte_fitter(cfg), caches, fold_sets, families["berxit"][0])
+    s = repeated_crossfit(lambda r: _lte_fitter(cfg), caches, fold_sets, families["berxit"][0], cfg.deploy, cfg.seed)
     points += score_points(task, "berxit", s, caches, [({"threshold": t}, t) for t in threshold_grid(s["calib"], cfg.grid)])
     timing["berxit_s"] = round(time.time() - t0, 1)
     for spec in cfg.learners:
@@ -346,7 +384,7 @@ def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig
         for alpha in cfg.alphas:
             families[spec].append({"alpha": alpha})
             s = repeated_crossfit(lambda r, sp=spec, a=alpha: _policy_fitter(task, sp, a, cfg, r), caches, fold_sets,
-                                  families[spec][-1])
+                                  families[spec][-1], cfg.deploy, cfg.seed)
             thr = threshold_grid(s["calib"], cfg.grid, fixed=(0.5,))
             points += score_points(task, spec, s, caches, [({"alpha": alpha, "threshold": t}, t) for t in thr])
             points += score_points(task, spec + "+paper", s, caches, [({"alpha": alpha}, 0.5)])
@@ -824,6 +862,8 @@ def check(cfg: BenchmarkConfig) -> None:
         raise UserError("--tasks is empty")
     if cfg.calib_folds < 2:
         raise UserError(f"--calib-folds must be >= 2; got {cfg.calib_folds}")
+    if cfg.deploy not in DEPLOY_MODES:
+        raise UserError(f"--deploy must be one of {', '.join(DEPLOY_MODES)}; got {cfg.deploy!r}")
     if cfg.calib_repeats < 1:
         raise UserError(f"--calib-repeats must be >= 1; got {cfg.calib_repeats}")
     if not (0.0 <= cfg.max_drop < 1.0):

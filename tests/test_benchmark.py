@@ -164,7 +164,7 @@ def test_cli_on_the_synthetic_task(tmp_runs, tmp_path, capsys):
     assert (tmp_path / "cli" / "results.json").is_file() and not (tmp_path / "cli" / "Synthetic_curves.png").exists()
     for argv, msg in ((["--test-file", "RTE=x.tsv"], "not in --tasks"), (["--learners", "ppo:state:x"], "ALGO:OBS:REWARD"),
                       (["--calib-folds", "1"], "--calib-folds"), (["--calib-repeats", "0"], "--calib-repeats"),
-                      (["--alphas", "nan"], "--alphas")):
+                      (["--alphas", "nan"], "--alphas"), (["--deploy", "median"], "--deploy must be one of")):
         with pytest.raises(SystemExit) as e:
             main(["--tasks", "Synthetic", "--out", str(tmp_path / "x"), *argv])
         assert e.value.code == 2
@@ -270,8 +270,11 @@ def test_repeated_crossfit_scores_every_calib_row_out_of_fold():
         return fit
 
     first = {}
-    out = repeated_crossfit(make_fit, marked, fold_sets, first)
-    assert sorted(calls) == [(r, j) for r in range(3) for j in range(2)]
+    out = repeated_crossfit(make_fit, marked, fold_sets, first)  # refit: 2 fold models + 1 on all of calib
+    assert sorted(calls) == [(r, j) for r in range(3) for j in range(3)]
+    nested = repeated_crossfit(make_fit, marked, fold_sets, deploy="nested")  # 2 fold models + 2 x 2 inner ones
+    assert len(calls) == 9 + 18
+    np.testing.assert_array_equal(nested["calib"], 0.5)
     np.testing.assert_array_equal(out["calib"], 0.5)  # never scored by a model trained on the row
     np.testing.assert_allclose(out["dev"], 0.5)
     assert set(first) >= {"calib", "calib_fit", "dev"}
@@ -344,3 +347,37 @@ def test_risk_summary_picks_the_best_methods_on_calib_not_on_test():
     assert "PPO confidence/consistency | 45.0%, 30.0%, 35.0%" in line
     assert "Right-Tool (max prob) | 40.0%, 41.0%, 30.0%" in line and "DeeBERT" not in line and "FQI" not in line
     assert "on 1 of 1 tasks (T)." in md
+
+
+
+@pytest.mark.parametrize("deploy", ["nested", "refit", "mean"])
+def test_calib_scores_come_from_the_rule_that_is_deployed(deploy):
+    """Model j scores every instance 2**j, so a score names the models averaged into it. The calib score the
+    knob is chosen on (the headline's calib figure) must come from the same kind of rule as the deployed one
+    (test): one model (refit, the default) or the mean of K models (nested); ``mean`` keeps the old mismatch
+    (single model on calib, mean of K on test)."""
+    from agents.benchmark import calib_folds, crossfit_scores
+
+    caches = _caches(3)
+    folds = calib_folds(caches["calib"], 2, 0)
+    models = []
+
+    def fit(train, held, j):
+        models.append((j, train.num_instances))
+        return lambda c: np.full((c.num_instances, c.num_layers), 2.0 ** j)
+
+    out = crossfit_scores(fit, caches, folds, deploy=deploy)
+    dev = np.unique(out["dev"])
+    calib_by_fold = [np.unique(out["calib"][f]) for f in folds]
+    assert len(dev) == 1 and all(len(v) == 1 for v in calib_by_fold)
+    n = caches["calib"].num_instances
+    if deploy == "nested":  # dev: mean of fold models 0, 1; fold k's calib: mean of its 2 inner models
+        assert dev[0] == (1 + 2) / 2
+        assert [v[0] for v in calib_by_fold] == [(2 ** 2 + 2 ** 3) / 2, (2 ** 4 + 2 ** 5) / 2]
+        assert sorted(j for j, _ in models) == list(range(6))
+        assert all(m < n // 2 for j, m in models if j >= 2)  # inner models learn on part of the other fold
+    elif deploy == "refit":  # dev: the model refitted on all of calib; calib: single out-of-fold models
+        assert dev[0] == 2 ** 2 and (2, n) in models
+        assert [v[0] for v in calib_by_fold] == [1, 2]
+    else:
+        assert dev[0] == 1.5 and [v[0] for v in calib_by_fold] == [1, 2]
