@@ -58,7 +58,7 @@ def test_exits_at_first_score_above_threshold():
     np.testing.assert_array_equal(exits_at(s, np.inf), [2, 2, 2])
 
 
-def test_crossfit_scores_are_out_of_fold_on_calib_and_averaged_elsewhere():
+def test_crossfit_scores_are_out_of_fold_on_calib_and_refitted_elsewhere():
     calib = make_synthetic_cache(n=40, num_layers=3, hidden=8, split="calib")
     dev = make_synthetic_cache(n=10, num_layers=3, hidden=8, split="dev")
     folds = [np.arange(0, 40, 2), np.arange(1, 40, 2)]
@@ -69,10 +69,11 @@ def test_crossfit_scores_are_out_of_fold_on_calib_and_averaged_elsewhere():
         return lambda c: np.full((c.num_instances, c.num_layers), float(j))
 
     s = crossfit_scores(fit, {"calib": calib, "dev": dev}, folds)
-    assert seen == [(0, 20, 20), (1, 20, 20)]
+    assert seen == [(0, 20, 20), (1, 20, 20), (2, 40, 40)]
     np.testing.assert_array_equal(s["calib"][folds[0]], 0.0)  # scored by the model that did not train on them
     np.testing.assert_array_equal(s["calib"][folds[1]], 1.0)
-    np.testing.assert_array_equal(s["dev"], 0.5)  # the deployed rule averages the fold models
+    np.testing.assert_array_equal(s["dev"], 2.0)  # the deployed rule: one model refitted on all of calib
+    np.testing.assert_array_equal(crossfit_scores(fit, {"calib": calib, "dev": dev}, folds, deploy="mean")["dev"], 0.5)
     np.testing.assert_array_equal(take(calib, folds[1]).labels, calib.labels[folds[1]])
 
 
