@@ -20,11 +20,13 @@ score passes its knob (the last layer always exits).
   reward; each twice: the paper's rule (pi > 0.5, alpha chosen) and with the exit
   threshold chosen too.
 
-Learned methods are cross-fitted on calib: ``--calib-folds`` K models, each trained on K-1
-folds and scoring the fold it did not see; their out-of-fold scores choose the knob, and
-the deployed rule averages the K models' scores (``--calib-repeats R``: R fold splits, each calib
-row's out-of-fold scores averaged, the deployed rule the mean of K x R models). Heuristics choose
-on the whole of calib.
+Learned methods are cross-fitted on calib so that the knob is chosen on the kind of rule that is
+deployed: ``--calib-folds`` K models, each trained on K-1 folds, score the fold they did not see,
+and (``--deploy refit``, the default) one model refitted on all of calib is deployed; ``--deploy
+nested`` deploys the mean of the K models and scores each calib row by the mean of K models
+trained on inner folds of the other folds; ``mean`` deploys the mean while calib is scored by
+single models (the mismatch before issue 21). ``--calib-repeats R``: R fold splits, each calib
+row's out-of-fold scores averaged. Heuristics choose on the whole of calib.
 
 Operating points, chosen on calib for every method alike: "no loss" = the most saved layers
 with a calib score >= the full-depth calib score; "<= 1 pt" = at most ``--max-drop`` below.
@@ -73,6 +75,12 @@ class BenchmarkConfig:
     """depth penalties to sweep, one policy per alpha and fold"""
     calib_folds: int = 2
     """cross-fitting folds of calib for the learned methods"""
+    deploy: str = "refit"
+    """the learned methods' deployed rule and the calib scores its knob is chosen on: refit (one model trained on
+    all of calib; calib scored by single out-of-fold models), nested (the mean of the K fold models; calib scored
+    by the mean of K inner-fold models) or mean (the mean of the K fold models while calib is scored by single
+    out-of-fold models: the rule chosen is not the rule deployed; the behaviour before issue 21). refit saved the
+    most on held-out calib rows (docs/benchmark.md, benchmarks.deploy_modes)"""
     calib_repeats: int = 1
     """repeated cross-fitting: this many fold splits of calib, each row's calib score averaged over its
     out-of-fold models, the deployed rule the mean of all folds x repeats models (less variance, more training)"""
@@ -198,28 +206,58 @@ def calib_folds(cache: LayerCache, k: int, seed: int) -> list[np.ndarray]:
     return [np.flatnonzero(ids == j) for j in range(k)]
 
 
+DEPLOY_MODES = ("refit", "nested", "mean")
+
+
 def crossfit_scores(fit, caches: dict[str, LayerCache], folds: list[np.ndarray],
-                    first_model: dict | None = None) -> dict[str, np.ndarray]:
-    """``fit(train_cache, held_cache, j)`` -> score function; out-of-fold scores on calib, fold-mean elsewhere.
+                    first_model: dict | None = None, deploy: str = "refit", seed: int = 0) -> dict[str, np.ndarray]:
+    """``fit(train_cache, held_cache, j)`` -> score function (``j`` numbers the model); calib scores out of fold,
+    and the scores of the deployed rule elsewhere, so that the rule whose calib figure is chosen is the rule
+    deployed (``deploy``):
+
+    - ``nested``: deployed, the mean of the K fold models; a calib row in fold k is scored by the mean of K
+      models trained on inner folds of the other folds (none saw the row): the same averaged rule, each of its
+      models trained on ((K-1)/K)^2 of calib instead of (K-1)/K. K x (K + 1) models.
+    - ``refit``: deployed, one model trained on all of calib; a calib row is scored by the single model that did
+      not learn on its fold (a single model, on less data). K + 1 models.
+    - ``mean``: deployed, the mean of the K fold models, while calib is scored by single out-of-fold models: the
+      calib figure describes another rule than the one deployed. K models.
 
     ``first_model``, if given, receives the scores of model 0 alone (trained without fold 0): on fold 0's
     calib rows ("calib"), on the calib rows it learned on ("calib_fit") and on every other split; risk
     control picks its knob path on "calib_fit" and calibrates it on fold 0."""
+    if deploy not in DEPLOY_MODES:
+        raise ValueError(f"deploy must be one of {DEPLOY_MODES}; got {deploy!r}")
     calib = caches["calib"]
+    K = len(folds)
     out = {s: np.zeros((c.num_instances, c.num_layers)) for s, c in caches.items()}
     for j, held in enumerate(folds):
         rest = np.setdiff1d(np.arange(calib.num_instances), held)
         score = fit(take(calib, rest), take(calib, held), j)
-        out["calib"][held] = score(take(calib, held))
+        single = score(take(calib, held))
+        if deploy == "nested":  # the mean of K inner models, none trained on fold j
+            sub = take(calib, rest)
+            inner = calib_folds(sub, K, seed + 7919 * (j + 1))
+            out["calib"][held] = np.mean([
+                fit(take(sub, np.setdiff1d(np.arange(len(rest)), h)), take(sub, h), K + j * K + i)(take(calib, held))
+                for i, h in enumerate(inner)], axis=0)
+        else:
+            out["calib"][held] = single
         for s, c in caches.items():
             if s != "calib":
                 sc = score(c)
-                out[s] += sc / len(folds)
+                if deploy != "refit":
+                    out[s] += sc / K
                 if j == 0 and first_model is not None:
                     first_model[s] = sc
         if j == 0 and first_model is not None:
-            first_model["calib"] = out["calib"][held].copy()
+            first_model["calib"] = single.copy()
             first_model["calib_fit"] = score(take(calib, rest))
+    if deploy == "refit":  # one model on every calib row (its calib scores would be in-sample: never read)
+        score = fit(calib, calib, K)  # (the held cache only feeds a learner's own evaluation log)
+        for s, c in caches.items():
+            if s != "calib":
+                out[s] = score(c)
     return out
 
 
@@ -274,11 +312,11 @@ def _reuse(run_dir: Path, key: str):
 
 
 def repeated_crossfit(make_fit, caches: dict[str, LayerCache], fold_sets: list[list[np.ndarray]],
-                      first_model: dict | None = None) -> dict[str, np.ndarray]:
+                      first_model: dict | None = None, deploy: str = "refit", seed: int = 0) -> dict[str, np.ndarray]:
     """:func:`crossfit_scores` once per fold split (``make_fit(r)`` gives split r's fitter), averaged: every calib
-    row's score is the mean of its out-of-fold scores, every other split's the mean of all models.
+    row's score is the mean of its out-of-fold scores, every other split's the mean of the deployed rules.
     ``first_model`` is filled from split 0's model 0 (as :func:`crossfit_scores` does)."""
-    outs = [crossfit_scores(make_fit(r), caches, folds, first_model if r == 0 else None)
+    outs = [crossfit_scores(make_fit(r), caches, folds, first_model if r == 0 else None, deploy, seed + 1000 * r)
             for r, folds in enumerate(fold_sets)]
     return {s: np.mean([o[s] for o in outs], axis=0) for s in outs[0]}
 
@@ -337,7 +375,7 @@ def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig
     families: dict[str, list[dict]] = {}  # method -> per alpha (knob path) the scores of model 0 (risk control)
     t0 = time.time()
     families["berxit"] = [{}]
-    s = repeated_crossfit(lambda r: _lte_fitter(cfg), caches, fold_sets, families["berxit"][0])
+    s = repeated_crossfit(lambda r: _lte_fitter(cfg), caches, fold_sets, families["berxit"][0], cfg.deploy, cfg.seed)
     points += score_points(task, "berxit", s, caches, [({"threshold": t}, t) for t in threshold_grid(s["calib"], cfg.grid)])
     timing["berxit_s"] = round(time.time() - t0, 1)
     for spec in cfg.learners:
@@ -346,7 +384,7 @@ def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig
         for alpha in cfg.alphas:
             families[spec].append({"alpha": alpha})
             s = repeated_crossfit(lambda r, sp=spec, a=alpha: _policy_fitter(task, sp, a, cfg, r), caches, fold_sets,
-                                  families[spec][-1])
+                                  families[spec][-1], cfg.deploy, cfg.seed)
             thr = threshold_grid(s["calib"], cfg.grid, fixed=(0.5,))
             points += score_points(task, spec, s, caches, [({"alpha": alpha, "threshold": t}, t) for t in thr])
             points += score_points(task, spec + "+paper", s, caches, [({"alpha": alpha}, 0.5)])
@@ -415,18 +453,19 @@ def operating_points(points: list[dict], task: str, max_drop: float) -> dict:
     return out
 
 
-def gap_ci(learned: dict, heuristic: dict, level: float = 0.95, seed: int = 0) -> list[float] | None:
+def gap_ci(learned: dict, heuristic: dict, level: float = 0.95, seed: int = 0) -> list[float] | str | None:
     """Bootstrap confidence interval (scipy.stats.bootstrap, BCa, 2,000 resamples) of the saved-layers gap
     learned - heuristic on one split, paired over its instances: the uncertainty of that split's sampling,
-    not of the calib choices. None without per-instance exits."""
+    not of the calib choices. ``"exact"`` when every instance has the same difference (e.g. both rules
+    exit every instance at one layer: no sampling noise to bound); None without per-instance exits."""
     from scipy.stats import bootstrap
 
     el, eh = learned.get("_exits"), heuristic.get("_exits")
     if el is None or eh is None or len(el) != len(eh) or len(el) < 2:
         return None
     d = (eh.astype(np.float64) - el.astype(np.float64)) / learned["num_layers"]
-    if np.ptp(d) == 0:  # every instance the same difference (e.g. both rules exit at one layer)
-        return [float(d[0]), float(d[0])]
+    if np.ptp(d) == 0:  # every instance the same difference: a bootstrap has nothing to resample
+        return "exact"
     ci = bootstrap((d,), np.mean, confidence_level=level, n_resamples=2000, method="BCa",
                    random_state=np.random.default_rng(seed)).confidence_interval
     return [float(ci.low), float(ci.high)]
@@ -503,7 +542,9 @@ def headline_table(ops_by_task: dict, heads: dict, tasks: list[str]) -> str:
             hp = None if h["heuristic"] is None else h["heuristic"].get(split)
             gap = "-" if lp is None or hp is None else f"{100 * (lp['saved'] - hp['saved']):+.1f}"
             ci = (h.get("gap_ci") or {}).get(split)
-            if ci is not None and gap != "-":
+            if ci == "exact" and gap != "-":
+                gap += " (exact: the same on every instance)"
+            elif ci is not None and gap != "-":
                 gap += f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
             if gap != "-":
                 gaps[split].append(100 * (lp["saved"] - hp["saved"]))
@@ -660,9 +701,8 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
                 fam = [fam[choose_path(fam, cal_fit, risk, eps, delta)]]
                 grids = [conservative_grid(fam[0]["calib_fit"])]
             cal_scores = [f["calib"] for f in fam]
-            if not learned:
-                grids = [rule_scores(rule, cal)[1] if rule in ("static", "patience") else conservative_grid(sc)
-                         for sc in cal_scores]
+            if not learned:  # a grid fixed by the rule's score range, before its calib scores are seen
+                grids = [rule_scores(rule, cal)[1]]
             c = learn_then_test(cal_scores, grids, cal, risk, eps, delta)
             row = {"calibration": c.to_dict(), "alpha": fam[0].get("alpha")}
             for split, cache in caches.items():
@@ -677,8 +717,7 @@ def risk_control(caches: dict[str, LayerCache], families: dict[str, list[dict]],
                 pool = _concat(cal, caches["dev"])
                 scores = [np.concatenate([f["calib"], f["dev"]]) for f in fam]
                 row["validation"] = resplit_validation(scores, pool, cal.num_instances, risk, eps, delta,
-                                                       cfg.ltt_resplits, cfg.seed,
-                                                       grids=grids if learned else None)
+                                                       cfg.ltt_resplits, cfg.seed, grids=grids)
             res[name] = row
     return out
 
@@ -753,7 +792,8 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
           "## Headline: best learned policy vs best heuristic, '<= 1 pt' chosen on calib", "",
           headline_table(ops, heads, tasks), "",
           ("Saved gap: learned minus heuristic saved layers on the test split, in brackets its 95% bootstrap "
-           "interval paired over the split's instances (the split's sampling noise; the calib choices are fixed)."), ""]
+           "interval paired over the split's instances (the split's sampling noise; the calib choices are fixed); "
+           "'exact' when both rules' exits differ by the same amount on every instance (nothing to resample)."), ""]
     splits = list(dict.fromkeys(s for t in tasks for s in ops[t]["splits"]))
     for split in [s for s in splits if s != "calib"] + ["calib"]:
         for op, tag in (("max1", "<= 1 pt"), ("no_loss", "no loss")):
@@ -822,6 +862,8 @@ def check(cfg: BenchmarkConfig) -> None:
         raise UserError("--tasks is empty")
     if cfg.calib_folds < 2:
         raise UserError(f"--calib-folds must be >= 2; got {cfg.calib_folds}")
+    if cfg.deploy not in DEPLOY_MODES:
+        raise UserError(f"--deploy must be one of {', '.join(DEPLOY_MODES)}; got {cfg.deploy!r}")
     if cfg.calib_repeats < 1:
         raise UserError(f"--calib-repeats must be >= 1; got {cfg.calib_repeats}")
     if not (0.0 <= cfg.max_drop < 1.0):
@@ -838,6 +880,33 @@ def check(cfg: BenchmarkConfig) -> None:
         raise UserError(f"--ltt-resplits must be >= 0; got {cfg.ltt_resplits}")
 
 
+def check_paths(cfg: BenchmarkConfig, tests: dict[str, str], ckpts: dict[str, str]) -> None:
+    """Every path flag checked before any backbone or cache is built: test files exist and read as their
+    task's format, checkpoints are folders, the data directory exists, the output folder can be written."""
+    import os
+
+    from backbones.cli import UserError
+    from backbones.tasks import load_split
+
+    if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
+        raise UserError(f"--data-dir {cfg.data_dir}: no such directory")
+    for task, path in tests.items():
+        if not Path(path).expanduser().is_file():
+            raise UserError(f"--test-file {task}={path}: no such file")
+        if task.lower() != "synthetic":
+            load_split(task, "test", path=path)  # a malformed file fails now, not after the backbone is built
+    for task, path in ckpts.items():
+        if not Path(path).expanduser().is_dir():
+            raise UserError(f"--checkpoint {task}={path}: no such checkpoint folder")
+    if cfg.out is not None:
+        out = Path(cfg.out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {cfg.out}: exists and is not a folder")
+        base = next(p for p in (out, *out.parents) if p.exists())
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            raise UserError(f"--out {cfg.out}: {base} is not a writable folder")
+
+
 def main(argv: list[str] | None = None) -> dict:
     from backbones.cli import parse, user_errors
 
@@ -849,6 +918,7 @@ def _main(cfg: BenchmarkConfig) -> dict:
 
     check(cfg)
     tests, ckpts = _pairs(cfg.test_file, "--test-file", cfg.tasks), _pairs(cfg.checkpoint, "--checkpoint", cfg.tasks)
+    check_paths(cfg, tests, ckpts)
     t_all = time.time()
     caches_by_task, timings = {}, {}
     for task in cfg.tasks:

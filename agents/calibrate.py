@@ -151,22 +151,30 @@ def conservative_grid(calib_score: np.ndarray, n: int = 200) -> list[float]:
     return [float("inf")] + [float(t) for t in qs[::-1]]
 
 
+def fixed_grid(lo: float, hi: float, n: int = 200) -> list[float]:
+    """Thresholds for a score in [lo, hi], fixed before any calibration score is seen (fixed-sequence
+    testing needs its order set in advance): +inf (never exit early), then ``n`` values from ``hi`` down
+    to ``lo``, spaced quadratically so they are densest near ``hi``, where confident scores bunch."""
+    u = np.linspace(0.0, 1.0, n)
+    return [float("inf")] + [float(t) for t in hi - (hi - lo) * u ** 2]
+
+
 # --------------------------------------------------------------------------- rules as scores
 def rule_scores(rule: str, cache: LayerCache, policy=None) -> tuple[np.ndarray, list[float]]:
-    """The score matrix [N, L] of a rule (exit where score > knob) and its knob grid on this cache,
-    conservative first. ``patience`` and ``static`` have their natural integer grids."""
+    """The score matrix [N, L] of a rule (exit where score > knob) on this cache and its knob grid,
+    conservative first. The grid depends only on the score's range (:func:`fixed_grid`: exit probability
+    in [0, 1], max probability in [1/C, 1], minus entropy in [-log C, 0]), never on the scores themselves;
+    ``patience`` and ``static`` have their natural integer grids."""
     from agents.policies.heuristics import max_prob, patience_counters, prediction_entropy
 
-    L = cache.num_layers
+    L, C = cache.num_layers, cache.num_classes
     if rule == "policy":
         s = policy.exit_probs(cache.states if policy.needs_states else None, cache.log_probs)
-        return s, conservative_grid(s)
+        return s, fixed_grid(0.0, 1.0)
     if rule == "maxprob":
-        s = max_prob(cache.log_probs)
-        return s, conservative_grid(s)
+        return max_prob(cache.log_probs), fixed_grid(1.0 / C, 1.0)
     if rule == "entropy":
-        s = -prediction_entropy(cache.log_probs)
-        return s, conservative_grid(s)
+        return -prediction_entropy(cache.log_probs), fixed_grid(-math.log(C), 0.0)
     if rule == "patience":
         return patience_counters(cache.preds).astype(float), [float("inf")] + [p - 0.5 for p in range(L - 1, 0, -1)]
     if rule == "static":

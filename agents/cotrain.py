@@ -9,7 +9,8 @@ Round 0 starts from the stage-1 checkpoint (Eq 1). In round r:
 
 1. caches and memorized layers (Eq 7) of the current backbone,
 2. the policy trained with the backbone frozen (Eq 5, hardness reward; warm-started
-   from the previous round's policy), evaluated on dev -> this round's numbers,
+   from the previous round's policy), evaluated on calib (where the stop rule reads it) and
+   on dev (a test set, reported only) -> this round's numbers,
 3. unless this is the last round or the run has converged: the policy frozen,
    backbone and classifiers fine-tuned with Eq 6 (cross-entropy only at the exit
    layer the policy picks) -> the next round's checkpoint.
@@ -19,8 +20,11 @@ and policy trained together (Eq 6 at the exits the policy samples + Eq 5 with th
 hardness reward, memorized layers from step 1); the next round's policy stage starts
 from that jointly trained policy.
 
-Stops after ``--rounds`` backbone updates, or earlier when the dev metric and the
-exit distribution change by less than ``--tol`` between rounds. Every step is
+Stops after ``--rounds`` backbone updates, or earlier when the calib metric and exit
+distribution change by less than ``--tol`` between rounds (calib: training rows no round's
+backbone is fitted on; dev is a test set and is never read to stop). The stage-1 backbone
+must leave calib rows out (the default: the task's holdout backbone), and every backbone
+stage fits the same rows it did. Every step is
 checkpointed under runs/cotrain/<name>/; running the same command again resumes.
 At the end it writes the analysis: per-layer accuracy of the internal classifiers
 on train and dev before and after (the paper's Figure 2, PNG + JSON) and the
@@ -56,7 +60,7 @@ class Args:
     rounds: int = 3
     """backbone updates (Eq 6) at most; round 0 is the stage-1 backbone"""
     tol: float = 0.005
-    """stop when the dev metric and the exit distribution (total variation) both change less than this"""
+    """stop when the calib metric and the exit distribution (total variation) on calib both change less than this"""
     alpha: float = 0.05
     """depth penalty of the hardness reward (Eq 4)"""
     reward: str = "hardness"
@@ -74,7 +78,8 @@ class Args:
     launcher: str = ""
     """run the backbone stage as a subprocess under this launcher, e.g. 'accelerate launch --multi_gpu --num_processes 2' (on a CPU-only machine with ACCELERATE_USE_CPU=true set)"""
     checkpoint: str | None = None
-    """stage-1 checkpoint to start from; None: the task's default one (trained if missing)"""
+    """stage-1 checkpoint to start from, trained with calib rows held out (--holdout, or a subset task);
+    None: the task's holdout backbone (trained if missing)"""
     data_dir: str | None = None
     """data directory; None: $CEE_DATA_DIR or ../shared/data"""
     seed: int = 0
@@ -108,7 +113,22 @@ def task_of(env_id: str) -> str:
 
 
 def caches_for(task: str, ckpt: Path, data_dir: str | None) -> dict[str, LayerCache]:
-    return {s: get_cache(task=task, split=s, checkpoint=ckpt, data_dir=data_dir) for s in ("train", "dev")}
+    return {s: get_cache(task=task, split=s, checkpoint=ckpt, data_dir=data_dir) for s in ("train", "calib", "dev")}
+
+
+# TrainConfig fields that say which training rows a backbone fits: every backbone stage keeps its init's.
+FIT_ROWS = ("seed", "max_train_samples", "holdout", "folds", "fold", "train_file")
+
+
+def fit_rows_of(ckpt: Path) -> dict:
+    """The row-selecting settings ``ckpt`` was trained with; a :class:`UserError` if it held out no calib rows."""
+    cfg = read_json(Path(ckpt) / "train_config.json", f"pass a checkpoint trained by backbones.train, not {ckpt}")
+    rows = {k: cfg.get(k) for k in FIT_ROWS if cfg.get(k) is not None}
+    if not (rows.get("holdout") or rows.get("max_train_samples")) or rows.get("folds"):
+        raise UserError(f"{ckpt} held out no calib rows, and co-training stops on calib rows no backbone is fitted on; "
+                        f"train one that does (python -m backbones.train --task {cfg.get('task')} --holdout 0.3) "
+                        "or leave out --checkpoint")
+    return rows
 
 
 def layer_accuracy(cache: LayerCache) -> list[float]:
@@ -135,9 +155,9 @@ def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Pat
         mem_file = out.parent / "memorized_train.npy"
         save_npy(mem_file, memorized_layer(tr.preds, tr.labels))
         extra = dict(memorized=str(mem_file), reward=args.reward, alpha=args.alpha)
-    cfg = StageConfig(task=task, init_from=str(init), objective="joint" if args.joint else "exit",
+    cfg = StageConfig(task=task, **fit_rows_of(init), init_from=str(init), objective="joint" if args.joint else "exit",
                       exit_policy=str(policy_dir), epochs=args.backbone_epochs, lr=args.backbone_lr,
-                      head_lr=args.head_lr, warmup=0.0, seed=args.seed, data_dir=args.data_dir, out=str(out), **extra)
+                      head_lr=args.head_lr, warmup=0.0, data_dir=args.data_dir, out=str(out), **extra)
     if not args.launcher:
         return run(cfg)
     cmd = [*shlex.split(args.launcher), "-m", "agents.rl.backbone_stage"]
@@ -152,9 +172,10 @@ def backbone_stage(args: Args, task: str, init: Path, policy_dir: Path, out: Pat
 def run(args: Args) -> dict:
     check_args(args)
     task = task_of(args.env)
-    from backbones.train import ensure_checkpoint
+    from cee_env.cache import deployed_checkpoint
 
-    stage1 = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(task, data_dir=args.data_dir, seed=args.seed)
+    stage1 = Path(args.checkpoint) if args.checkpoint else deployed_checkpoint(task, "holdout", args.data_dir, seed=args.seed)
+    fit_rows_of(stage1)
     root = runs_dir() / "cotrain" / (args.name or f"{task}-a{args.alpha:g}-s{args.seed}")
     with claim(root, f"the co-training run {root}"):
         return _run(args, task, stage1, root)
@@ -198,16 +219,18 @@ def _run(args: Args, task: str, stage1: Path, root: Path) -> dict:
                 env=args.env, reward=args.reward, alpha=args.alpha, epochs=args.policy_epochs, seed=args.seed,
                 run_name=f"cotrain-{root.name}-r{r}", out=str(rdir / "policy"),
                 init_policy=str(prev_policy) if prev_policy else None, quiet=True), caches)
-            dev = out["results"]["dev"]
-            pol = EvalResult(**dev[out["policy"].name])  # reinforce already scored it on this dev cache
+            dev, calib = out["results"]["dev"], out["results"]["calib"]  # reinforce scored it on these caches
+            pol = EvalResult(**dev[out["policy"].name])
+            cal = EvalResult(**calib[out["policy"].name])
             rec = {"round": r, "checkpoint": stored_path(ckpt), "policy": stored_path(rdir / "policy"),
-                   "dev": pol.to_dict(), "dev_full_depth": dev[StaticExit(caches["dev"].num_layers).name],
+                   "calib": cal.to_dict(), "dev": pol.to_dict(),
+                   "dev_full_depth": dev[StaticExit(caches["dev"].num_layers).name],
                    "layer_accuracy": {s: layer_accuracy(c) for s, c in caches.items()}}
             print("  " + pol.line() + "   full depth " + f"{100 * rec['dev_full_depth']['metric']:.1f}")
-            if state["rounds"]:
-                last = state["rounds"][-1]["dev"]
-                d_metric = abs(pol.metric - last["metric"])
-                d_exit = exit_tv(pol.exit_hist, last["exit_hist"])
+            if state["rounds"]:  # the stop rule reads calib only
+                last = state["rounds"][-1]["calib"]
+                d_metric = abs(cal.metric - last["metric"])
+                d_exit = exit_tv(cal.exit_hist, last["exit_hist"])
                 rec["change"] = {"metric": d_metric, "exit_tv": d_exit}
                 rec["stop"] = d_metric < args.tol and d_exit < args.tol
             state["rounds"].append(rec)

@@ -22,12 +22,20 @@ How calib rows are obtained (:func:`partition`):
   backbone trains on every row, so every training row gets calib outputs at the
   cost of K extra backbones.
 
-Everything here is plain index arithmetic on the train split's labels; nothing
+Tasks whose rows can share text (``TaskSpec.group_by_text``: SST-2's training rows are
+phrases of parsed sentences, many of them spans of one another) are split by *text group*
+(:func:`text_groups`): a phrase goes with the longest phrase containing it, the subset,
+holdout and folds take whole groups, and a held-out row whose text is still a span of a
+fitted row's text is dropped, so no calib text is contained in a fit text.
+
+Everything here is plain index arithmetic on the train split's labels (and texts); nothing
 is read or written.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
@@ -52,16 +60,22 @@ class Partition:
     held_out: np.ndarray
 
 
-def subset_rows(n: int, max_train_samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def subset_rows(n: int, max_train_samples: int | None, seed: int,
+                sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(pool, spare): the training subset a task's backbone draws from, and the rows left out.
 
     The subset is the first ``max_train_samples`` rows of a seeded permutation (the
     order ``datasets.Dataset.shuffle(seed)`` uses); no limit keeps every row in order.
+    With ``sizes`` the ``n`` units are groups of that many rows: the subset is the
+    permuted groups while their rows add up to at most ``max_train_samples``.
     """
-    if not max_train_samples or n <= max_train_samples:
+    total = n if sizes is None else int(np.sum(sizes))
+    if not max_train_samples or total <= max_train_samples:
         return np.arange(n), np.arange(0)
     perm = np.random.default_rng(seed).permutation(n)
-    return perm[:max_train_samples], perm[max_train_samples:]
+    k = max_train_samples if sizes is None else int(np.searchsorted(np.cumsum(np.asarray(sizes)[perm]),
+                                                                    max_train_samples, side="right"))
+    return perm[:k], perm[k:]
 
 
 def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -100,26 +114,118 @@ def _stratum(labels: np.ndarray, min_count: int) -> np.ndarray:
 
 
 def partition(labels: np.ndarray, *, seed: int = 0, max_train_samples: int | None = None,
-              holdout: float = 0.0, folds: int = 0, fold: int = 0) -> Partition:
+              holdout: float = 0.0, folds: int = 0, fold: int = 0,
+              texts: Sequence[str] | None = None) -> Partition:
     """The rows one backbone fits and the rows it never sees.
 
     ``holdout`` > 0 holds out that stratified fraction of the pool; ``folds`` > 0 holds
     out fold ``fold`` of ``folds``; neither: the backbone fits the whole pool and the
-    spare rows (if a subset was drawn) are its held-out rows.
+    spare rows (if a subset was drawn) are its held-out rows. With ``texts`` (one per row)
+    every step takes whole text groups (:func:`text_groups`) instead of rows, and held-out
+    rows whose text is a span of a fitted text are dropped; when no text contains another
+    the partition is the one without ``texts``.
     """
     labels = np.asarray(labels)
-    pool, spare = subset_rows(len(labels), max_train_samples, seed)
     if holdout and folds:
         raise ValueError("pass holdout or folds, not both")
+    if folds and not 0 <= fold < folds:
+        raise ValueError(f"fold must be in 0..{folds - 1}; got {fold}")
+    if texts is None:
+        return _split(labels, None, seed, max_train_samples, holdout, folds, fold)
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts for {len(labels)} labels")
+    group, outer, inner = text_groups(tuple(texts))
+    first = np.unique(group, return_index=True)[1]  # groups are numbered in order of their first row
+    sizes = np.bincount(group)
+    part = _split(labels[first], sizes, seed, max_train_samples, holdout, folds, fold)
+    fit, held = _rows_of(group, part.fit), _rows_of(group, part.held_out)
+    in_fit = np.zeros(len(labels), dtype=bool)
+    in_fit[fit] = True
+    spans_of_fit = np.zeros(len(labels), dtype=bool)
+    spans_of_fit[inner[in_fit[outer]]] = True
+    held = held[~spans_of_fit[held]]
+    # Held-out rows go round-robin over their groups (each group's longest text first), so that a capped
+    # calib set (CALIB_ROWS) spreads over as many source texts as it can instead of a few groups' spans.
+    length = np.fromiter((len(normalise_text(t)) for t in texts), dtype=np.int64, count=len(texts))
+    by_group = np.lexsort((held, -length[held], group[held]))  # held rows grouped, longest first
+    g_sorted = group[held][by_group]
+    starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
+    turn = np.empty(len(held), dtype=np.int64)  # a row's place within its group
+    turn[by_group] = np.arange(len(held)) - np.repeat(starts, np.diff(np.r_[starts, len(held)]))
+    seen, first_at = np.unique(group[held], return_index=True)
+    place = np.zeros(group.max() + 1, dtype=np.int64)  # a group's place in the held-out order
+    place[seen] = first_at
+    return Partition(fit=fit, held_out=held[np.lexsort((place[group[held]], turn))])
+
+
+def _split(labels: np.ndarray, sizes: np.ndarray | None, seed: int, max_train_samples: int | None, holdout: float,
+           folds: int, fold: int) -> Partition:
+    """:func:`partition` over units (rows, or text groups of ``sizes`` rows each, ``labels`` one per unit)."""
+    pool, spare = subset_rows(len(labels), max_train_samples, seed, sizes)
     if folds:
-        if not 0 <= fold < folds:
-            raise ValueError(f"fold must be in 0..{folds - 1}; got {fold}")
         f = fold_ids(labels[pool], folds, seed)
         return Partition(fit=pool[f != fold], held_out=pool[f == fold])
     if holdout:
         m = holdout_mask(labels[pool], holdout, seed)
         return Partition(fit=pool[~m], held_out=pool[m])
     return Partition(fit=pool, held_out=spare)
+
+
+def _rows_of(group: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """The rows of ``groups``, group by group in that order (rows of one group in file order)."""
+    rank = np.full(group.max() + 1 if len(group) else 0, len(groups), dtype=np.int64)
+    rank[groups] = np.arange(len(groups))
+    r = rank[group]
+    order = np.argsort(r, kind="stable")
+    return order[: int((r < len(groups)).sum())]
+
+
+def normalise_text(text: str) -> str:
+    """Lower case, runs of whitespace as one space: the form texts are compared in."""
+    return " ".join(text.lower().split())
+
+
+@lru_cache(maxsize=4)
+def text_groups(texts: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group, outer, inner): every row's text group, and every pair of rows whose (normalised) texts
+    contain one another: ``texts[inner[i]]`` is a contiguous word span of ``texts[outer[i]]`` (each
+    text contains itself). A row's group is the longest text containing it (the first such row on
+    ties), numbered 0.. in order of first row; identical texts share a group.
+
+    Every contiguous word span of every text is looked up in a table of the texts (SST-2's 67k
+    training phrases: about 5 million look-ups, a few seconds; remembered for the last 4 inputs).
+    """
+    norm = [normalise_text(t) for t in texts]
+    index: dict[str, list[int]] = {}
+    for i, t in enumerate(norm):
+        index.setdefault(t, []).append(i)
+    max_words = max((t.count(" ") + 1 for t in index), default=0)
+    outer: list[int] = []
+    inner: list[int] = []
+    for i, t in enumerate(norm):
+        starts = [0] + [m + 1 for m, c in enumerate(t) if c == " "]
+        ends = [s - 1 for s in starts[1:]] + [len(t)]
+        n = len(starts)
+        for a in range(n):
+            for b in range(a, min(n, a + max_words)):
+                hit = index.get(t[starts[a]:ends[b]])
+                if hit is not None:
+                    outer.extend([i] * len(hit))
+                    inner.extend(hit)
+    outer_a, inner_a = np.asarray(outer, dtype=np.int64), np.asarray(inner, dtype=np.int64)
+    length = np.array([len(t) for t in norm], dtype=np.int64)
+    # for each inner row, its longest container (ties: the first row)
+    order = np.lexsort((outer_a, -length[outer_a], inner_a))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = inner_a[order][1:] != inner_a[order][:-1]
+    root = np.empty(len(norm), dtype=np.int64)
+    root[inner_a[order][first]] = outer_a[order][first]
+    _, group = np.unique(root, return_inverse=True)
+    # renumber groups in order of their first row
+    firsts = np.unique(group, return_index=True)[1]
+    renum = np.empty_like(firsts)
+    renum[np.argsort(firsts)] = np.arange(len(firsts))
+    return renum[group].astype(np.int64), outer_a, inner_a
 
 
 def has_spare(n: int, max_train_samples: int | None) -> bool:

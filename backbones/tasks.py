@@ -85,6 +85,14 @@ class TaskSpec:
     label_values: tuple[str, ...] | None = None
     exclude_pairs: str | None = None  # mrpc_raw: file of (id1, id2) pairs dropped from train
     description: str = ""
+    group_by_text: bool = False  # rows can share text (e.g. phrases of one sentence): hold out by text group
+
+    def partition_texts(self, ds) -> tuple[str, ...] | None:
+        """The texts a train split's rows are grouped by when the task holds out by text group
+        (``backbones.protocol.partition(texts=...)``), else None."""
+        if not self.group_by_text:
+            return None
+        return tuple(a if not b else f"{a} [SEP] {b}" for a, b in zip(ds["text_a"], ds["text_b"]))
 
     @property
     def num_labels(self) -> int:
@@ -121,7 +129,8 @@ _BUILTIN: tuple[TaskSpec, ...] = (
              exclude_pairs="glue/MRPC/dev_ids.tsv", description="GLUE MRPC paraphrase; metric is F1 of class 1"),
     TaskSpec("SST2", ("negative", "positive"), "accuracy",
              {s: f"glue/SST-2/{s}.tsv" for s in SPLITS}, "sentence", None, "label", "glue_tsv",
-             label_values=("0", "1"), description="GLUE SST-2 sentiment"),
+             label_values=("0", "1"), group_by_text=True,
+             description="GLUE SST-2 sentiment (train rows are phrases of parsed sentences: held out by sentence)"),
     TaskSpec("QNLI", _GLUE_NLI, "accuracy",
              {s: f"glue/QNLI/{s}.tsv" for s in ("dev", "test")}, "question", "sentence", "label", "glue_tsv",
              description="GLUE QNLI (train.tsv is not in the data directory)"),
@@ -360,13 +369,15 @@ def load_split(task: str | TaskSpec, split: str, data_dir: str | Path | None = N
 def task_from_file(name: str, train_path: str | Path, text_a: str, label: str, text_b: str | None = None,
                    dev_path: str | Path | None = None, test_path: str | Path | None = None,
                    label_names: Sequence[str] | None = None, metric: str = "accuracy",
-                   fmt: str | None = None) -> TaskSpec:
+                   fmt: str | None = None, group_by_text: bool = False) -> TaskSpec:
     """Define and register a user task from CSV / TSV / JSONL files (format from the train file's extension).
 
     ``.csv`` -> csv, ``.jsonl``/``.json`` -> jsonl, anything else -> quote-aware TSV
     (pass ``fmt="glue_tsv"`` for tab files without quoting). Without ``label_names``
     they are the train file's distinct labels, sorted (numerically if all are
     integers). With ``label_names``, the files may hold the names or ids 0..n-1.
+    ``group_by_text``: rows can share text (one text a span of another), so calib rows are held
+    out by text group (``backbones.protocol.partition``).
     """
     files = {"train": train_path, "dev": dev_path, "test": test_path}
     splits = {}
@@ -403,7 +414,7 @@ def task_from_file(name: str, train_path: str | Path, text_a: str, label: str, t
                 raise TaskError(f"{train}: labels {sorted(raw - set(names))} are not in label_names {list(names)} "
                                 f"(nor ids 0..{len(names) - 1})")
     spec = TaskSpec(name, names, metric, splits, text_a, text_b, label, fmt, label_values=values,
-                    description=f"user task from {train}")
+                    description=f"user task from {train}", group_by_text=group_by_text)
     register_task(spec)
     return spec
 
@@ -415,6 +426,8 @@ _TASK_FILE_KEYS: dict[str, tuple[bool, str]] = {
     "text_b": (False, "the second text column of a pair"), "label": (True, "the label column"),
     "label_names": (False, "a list of two or more label names"), "metric": (True, "accuracy or f1"),
     "fmt": (False, "a file format: " + ", ".join(FORMATS)),
+    "group_by_text": (False, "true when rows can share text (one row's text a span of another's), so calib rows "
+                             "are held out by text group"),
 }
 
 
@@ -424,7 +437,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
     Keys: ``name``, ``train`` and optionally ``dev`` / ``test`` (data files; relative paths are
     resolved against the task file's folder), ``text_a``, optionally ``text_b``, ``label`` (column
     names), optionally ``label_names``, ``metric`` (``accuracy`` or ``f1``) and optionally ``fmt``
-    (as :func:`task_from_file`, which reads the files)::
+    and optionally ``group_by_text`` (as :func:`task_from_file`, which reads the files)::
 
         name = "Reviews"
         train = "train.csv"
@@ -464,6 +477,8 @@ def load_task_file(path: str | Path) -> TaskSpec:
         v, choices = d[k], {"metric": METRICS, "fmt": FORMATS}.get(k)
         if k == "label_names":
             ok = isinstance(v, list) and len(v) >= 2 and all(isinstance(x, str) for x in v)
+        elif k == "group_by_text":
+            ok, what = isinstance(v, bool), f"true or false ({what})"
         elif choices:
             ok = isinstance(v, str) and v in choices
         else:
@@ -480,7 +495,8 @@ def load_task_file(path: str | Path) -> TaskSpec:
     try:
         return task_from_file(d["name"], data_file("train"), text_a=d["text_a"], label=d["label"],
                               text_b=d.get("text_b"), dev_path=data_file("dev"), test_path=data_file("test"),
-                              label_names=d.get("label_names"), metric=d["metric"], fmt=d.get("fmt"))
+                              label_names=d.get("label_names"), metric=d["metric"], fmt=d.get("fmt"),
+                              group_by_text=d.get("group_by_text", False))
     except TaskError as e:
         raise type(e)(f"task file {file}: {e}") from None
 

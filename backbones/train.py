@@ -37,6 +37,7 @@ from backbones.files import claim, read_json, save_npy, write_json
 from backbones.multiexit import (WEIGHTS_NAME, MultiExitEncoder, default_pooling, load_tokenizer, resolve_device,
                                  weighted_exit_loss)
 from backbones.paths import DEFAULT_ENCODER, resolve_model, runs_dir
+from backbones.paths import data_dir as data_dir_of
 from backbones.protocol import Partition, checkpoint_suffix, partition
 
 # Per-task defaults that differ from TrainConfig's (small sets want more epochs; SST-2 is big for 2 cores).
@@ -167,7 +168,8 @@ class TrainConfig:
 
 def run_name(c: TrainConfig) -> str:
     tag = Path(c.model.rstrip("/")).name
-    return f"{c.task}-{tag}-{c.pooling}-{c.objective}-s{c.seed}" + checkpoint_suffix(c.holdout, c.folds, c.fold)
+    groups = "-textgroups" if T.get_task(c.task).group_by_text else ""  # its rows are split by text group
+    return f"{c.task}-{tag}-{c.pooling}-{c.objective}-s{c.seed}{groups}" + checkpoint_suffix(c.holdout, c.folds, c.fold)
 
 
 def checkpoint_dir(c: TrainConfig) -> Path:
@@ -191,12 +193,28 @@ def is_complete(ckpt: Path) -> bool:
 def fit_partition(c: TrainConfig, train_ds) -> Partition:
     """The rows of the train split this configuration fits (and the rows it never sees)."""
     return partition(np.asarray(train_ds["label"]), seed=c.seed, max_train_samples=c.max_train_samples,
-                     holdout=c.holdout, folds=c.folds, fold=c.fold)
+                     holdout=c.holdout, folds=c.folds, fold=c.fold, texts=T.get_task(c.task).partition_texts(train_ds))
+
+
+def fit_rows(c: TrainConfig):
+    """The training rows configuration ``c`` fits (its train file, minus what the partition holds out)."""
+    tr = T.load_split(c.task, "train", data_dir=c.data_dir, path=c.train_file)
+    return tr.select(fit_partition(c, tr).fit)
+
+
+def train_file_name(task: str, data_dir: str | None, train_file: str | None) -> str:
+    """The train file a task's rows are read from (for messages)."""
+    if train_file:
+        return str(train_file)
+    rel = T.get_task(task).splits.get("train", "")
+    try:
+        return rel if Path(rel).is_absolute() else str(data_dir_of(data_dir) / rel)
+    except FileNotFoundError:
+        return rel
 
 
 def load_splits(c: TrainConfig):
-    tr = T.load_split(c.task, "train", data_dir=c.data_dir, path=c.train_file)
-    tr = tr.select(fit_partition(c, tr).fit)
+    tr = fit_rows(c)
     dev = T.load_split(c.task, "dev", data_dir=c.data_dir, path=c.dev_file)
     test = T.load_split(c.task, "test", data_dir=c.data_dir, path=c.test_file) if c.test_file else None
     return tr, dev, test
@@ -411,6 +429,19 @@ def rows_sha256(ds) -> str:
     return h.hexdigest()
 
 
+def check_fit_rows(ckpt: Path, fit_ds, source: str) -> None:
+    """Raise a :class:`UserError` if ``ckpt`` recorded that it was fitted on other rows than ``fit_ds``: the
+    train file ``source`` changed since (its calib rows may then hold rows the backbone trained on)."""
+    try:
+        recorded = json.loads((Path(ckpt) / "metrics.json").read_text()).get("train_rows_sha256")
+    except (OSError, ValueError):
+        return  # no record to compare (a checkpoint from elsewhere): nothing is known
+    if recorded is not None and recorded != rows_sha256(fit_ds):
+        raise UserError(f"{ckpt} was trained on other rows than {source} gives now (the file changed, or its "
+                        "rows moved); its calib rows could hold rows it trained on. Restore that file, or train a "
+                        f"new backbone: delete {ckpt} (or pass another --checkpoint)")
+
+
 def config_diff(saved: dict, c: TrainConfig) -> list[str]:
     """``field saved -> asked`` for every field that changes training (a field the saved config
     predates is not compared)."""
@@ -438,7 +469,8 @@ def check_same_training(out: Path, c: TrainConfig, data_sha: str | None, interru
         except (OSError, ValueError):
             recorded = None  # a damaged progress.json is reported when it is loaded
         if recorded is not None and recorded != data_sha:
-            diff.append("training rows (the train file's content, or the subset/holdout/fold taken from it)")
+            diff.append(f"training rows (the content of {train_file_name(c.task, c.data_dir, c.train_file)}, "
+                        "or the subset/holdout/fold taken from it)")
     if diff:
         raise UserError(f"{what} with other settings: {'; '.join(diff)}; {again}")
 
@@ -511,8 +543,8 @@ def ensure_checkpoint(task: str, **overrides) -> Path:
     c = TrainConfig(task=task, **{k: v for k, v in overrides.items() if v is not None})
     r = c.resolved()
     ckpt = checkpoint_dir(r)
-    if is_complete(ckpt):
-        check_same_training(ckpt, r, None)
+    if is_complete(ckpt):  # the same settings and the same training rows (a changed train file is refused)
+        check_same_training(ckpt, r, rows_sha256(fit_rows(r)))
         return ckpt
     if not (ckpt / WEIGHTS_NAME).is_file():  # (with weights but no metrics.json, train() says what it does)
         print(f"No stage-1 checkpoint at {ckpt}: training it now (Eq 1, {r.epochs} epochs). "

@@ -220,7 +220,9 @@ def get_cache(task: str, split: str = "train", checkpoint: str | os.PathLike | N
     if split == "train":
         path = data_file or tc.get("train_file")
         ds = T.load_split(spec, "train", data_dir=data_dir, path=path)
-        rows = _partition(tc, ds).fit if tc else None
+        rows = _partition(tc, ds, spec).fit if tc else None
+        if tc:
+            _check_fit_rows(ckpt, spec, ds, rows, data_dir, path)
     else:
         path = data_file or (test_file if split == "test" else None)
         ds = T.load_split(spec, split, data_dir=data_dir, path=path)
@@ -251,7 +253,7 @@ def take_rows(cache: LayerCache, rows: np.ndarray, split: str | None = None) -> 
 
 
 def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | None = None,
-                        model: str | None = None) -> Path:
+                        model: str | None = None, seed: int | None = None) -> Path:
     """The stage-1 checkpoint a task deploys under ``protocol`` (default: the task's) for the backbone
     ``model`` (default all-MiniLM-L6-v2; all-mpnet-base-v2, smollm2 or any Hugging Face path), trained if missing.
 
@@ -266,8 +268,8 @@ def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | 
     if protocol not in P.PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(P.PROTOCOLS)}")
     if protocol == "holdout" and not _task_has_spare(task, data_dir):
-        return ensure_checkpoint(task, data_dir=data_dir, holdout=P.HOLDOUT, model=model)
-    return ensure_checkpoint(task, data_dir=data_dir, model=model)
+        return ensure_checkpoint(task, data_dir=data_dir, holdout=P.HOLDOUT, model=model, seed=seed)
+    return ensure_checkpoint(task, data_dir=data_dir, model=model, seed=seed)
 
 
 def _task_has_spare(task: str, data_dir: str | None) -> bool:
@@ -284,11 +286,19 @@ def _train_config(ckpt: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def _partition(tc: dict, ds):
+def _partition(tc: dict, ds, spec):
     from backbones.protocol import partition
 
     return partition(np.asarray(ds["label"]), seed=tc.get("seed", 0), max_train_samples=tc.get("max_train_samples"),
-                     holdout=tc.get("holdout", 0.0), folds=tc.get("folds", 0), fold=tc.get("fold", 0))
+                     holdout=tc.get("holdout", 0.0), folds=tc.get("folds", 0), fold=tc.get("fold", 0),
+                     texts=spec.partition_texts(ds))
+
+
+def _check_fit_rows(ckpt: Path, spec, ds, fit: np.ndarray, data_dir, path) -> None:
+    """The rows the checkpoint's partition fits today must be those it recorded training on."""
+    from backbones.train import check_fit_rows, train_file_name
+
+    check_fit_rows(ckpt, ds.select(fit), train_file_name(spec.name, data_dir, path))
 
 
 def _calib_cache(spec, ckpt: Path, data_dir, data_file, rebuild, batch_size, verbose) -> LayerCache:
@@ -307,7 +317,9 @@ def _calib_cache(spec, ckpt: Path, data_dir, data_file, rebuild, batch_size, ver
     path = data_file or tc.get("train_file")
     ds = T.load_split(spec, "train", data_dir=data_dir, path=path)
     data_id = _data_id(spec, "train", data_dir, path)
-    held = _partition(tc, ds).held_out
+    part = _partition(tc, ds, spec)
+    _check_fit_rows(ckpt, spec, ds, part.fit, data_dir, path)
+    held = part.held_out
     if len(held):  # holdout, or the spare rows of a subset (capped)
         return _layer_pass(spec, ckpt, "calib", ds, np.sort(held[: P.CALIB_ROWS]), data_id, rebuild, batch_size, verbose)
     parts, folds = [], P.FOLDS
@@ -316,7 +328,7 @@ def _calib_cache(spec, ckpt: Path, data_dir, data_file, rebuild, batch_size, ver
     for k in range(folds):
         fk = ensure_checkpoint(spec.name, **{**keep, "folds": folds, "fold": k,
                                              "out": str(ckpt.parent / (ckpt.name + P.checkpoint_suffix(folds=folds, fold=k)))})
-        rows = np.sort(_partition({**tc, "folds": folds, "fold": k}, ds).held_out)
+        rows = np.sort(_partition({**tc, "folds": folds, "fold": k}, ds, spec).held_out)
         parts.append((rows, _layer_pass(spec, fk, "calib", ds, rows, data_id, rebuild, batch_size, verbose)))
     rows = np.concatenate([r for r, _ in parts])
     order = np.argsort(rows, kind="stable")

@@ -58,7 +58,7 @@ def test_exits_at_first_score_above_threshold():
     np.testing.assert_array_equal(exits_at(s, np.inf), [2, 2, 2])
 
 
-def test_crossfit_scores_are_out_of_fold_on_calib_and_averaged_elsewhere():
+def test_crossfit_scores_are_out_of_fold_on_calib_and_refitted_elsewhere():
     calib = make_synthetic_cache(n=40, num_layers=3, hidden=8, split="calib")
     dev = make_synthetic_cache(n=10, num_layers=3, hidden=8, split="dev")
     folds = [np.arange(0, 40, 2), np.arange(1, 40, 2)]
@@ -69,10 +69,11 @@ def test_crossfit_scores_are_out_of_fold_on_calib_and_averaged_elsewhere():
         return lambda c: np.full((c.num_instances, c.num_layers), float(j))
 
     s = crossfit_scores(fit, {"calib": calib, "dev": dev}, folds)
-    assert seen == [(0, 20, 20), (1, 20, 20)]
+    assert seen == [(0, 20, 20), (1, 20, 20), (2, 40, 40)]
     np.testing.assert_array_equal(s["calib"][folds[0]], 0.0)  # scored by the model that did not train on them
     np.testing.assert_array_equal(s["calib"][folds[1]], 1.0)
-    np.testing.assert_array_equal(s["dev"], 0.5)  # the deployed rule averages the fold models
+    np.testing.assert_array_equal(s["dev"], 2.0)  # the deployed rule: one model refitted on all of calib
+    np.testing.assert_array_equal(crossfit_scores(fit, {"calib": calib, "dev": dev}, folds, deploy="mean")["dev"], 0.5)
     np.testing.assert_array_equal(take(calib, folds[1]).labels, calib.labels[folds[1]])
 
 
@@ -164,7 +165,7 @@ def test_cli_on_the_synthetic_task(tmp_runs, tmp_path, capsys):
     assert (tmp_path / "cli" / "results.json").is_file() and not (tmp_path / "cli" / "Synthetic_curves.png").exists()
     for argv, msg in ((["--test-file", "RTE=x.tsv"], "not in --tasks"), (["--learners", "ppo:state:x"], "ALGO:OBS:REWARD"),
                       (["--calib-folds", "1"], "--calib-folds"), (["--calib-repeats", "0"], "--calib-repeats"),
-                      (["--alphas", "nan"], "--alphas")):
+                      (["--alphas", "nan"], "--alphas"), (["--deploy", "median"], "--deploy must be one of")):
         with pytest.raises(SystemExit) as e:
             main(["--tasks", "Synthetic", "--out", str(tmp_path / "x"), *argv])
         assert e.value.code == 2
@@ -270,8 +271,11 @@ def test_repeated_crossfit_scores_every_calib_row_out_of_fold():
         return fit
 
     first = {}
-    out = repeated_crossfit(make_fit, marked, fold_sets, first)
-    assert sorted(calls) == [(r, j) for r in range(3) for j in range(2)]
+    out = repeated_crossfit(make_fit, marked, fold_sets, first)  # refit: 2 fold models + 1 on all of calib
+    assert sorted(calls) == [(r, j) for r in range(3) for j in range(3)]
+    nested = repeated_crossfit(make_fit, marked, fold_sets, deploy="nested")  # 2 fold models + 2 x 2 inner ones
+    assert len(calls) == 9 + 18
+    np.testing.assert_array_equal(nested["calib"], 0.5)
     np.testing.assert_array_equal(out["calib"], 0.5)  # never scored by a model trained on the row
     np.testing.assert_allclose(out["dev"], 0.5)
     assert set(first) >= {"calib", "calib_fit", "dev"}
@@ -285,7 +289,7 @@ def test_gap_ci_paired_over_instances():
     rng = np.random.default_rng(0)
     heur = rng.integers(1, L + 1, n).astype(np.int8)
     same = {"_exits": heur.copy(), "num_layers": L}
-    assert gap_ci(same, {"_exits": heur, "num_layers": L}) == [0.0, 0.0]
+    assert gap_ci(same, {"_exits": heur, "num_layers": L}) == "exact"  # no interval from nothing to resample
     earlier = {"_exits": np.maximum(heur - 1, 1).astype(np.int8), "num_layers": L}  # exits one layer earlier if it can
     lo, hi = gap_ci(earlier, {"_exits": heur, "num_layers": L})
     gap = (heur.mean() - earlier["_exits"].mean()) / L
@@ -294,3 +298,87 @@ def test_gap_ci_paired_over_instances():
     lo2, hi2 = gap_ci(noisy, {"_exits": heur, "num_layers": L})
     assert lo2 < 0.05 and hi2 > -0.05 and hi2 - lo2 > hi - lo
     assert gap_ci({"num_layers": L}, {"_exits": heur, "num_layers": L}) is None
+
+
+def test_headline_shows_a_constant_gap_as_exact_not_as_an_interval():
+    from agents.benchmark import headline_table
+
+    def pt(saved):
+        return {"metric": 0.6, "saved": saved, "metric_name": "accuracy"}
+
+    ops = {"T": {"splits": ["calib", "dev"], "full": {"dev": pt(0.0)}}}
+    head = {"learned": {"method": "berxit", "dev": pt(5 / 6)}, "heuristic": {"method": "static", "dev": pt(4 / 6)}}
+    exact = headline_table(ops, {"T": {**head, "gap_ci": {"dev": "exact"}}}, ["T"])
+    assert "+16.7 (exact: the same on every instance)" in exact and "[+16.7, +16.7]" not in exact
+    assert "+16.7 [+10.0, +20.0]" in headline_table(ops, {"T": {**head, "gap_ci": {"dev": [0.1, 0.2]}}}, ["T"])
+
+
+def test_path_flags_are_checked_before_any_backbone_or_cache(tmp_path, monkeypatch, capsys):
+    import agents.benchmark as B
+
+    monkeypatch.setattr(B, "load_caches", lambda *a, **k: pytest.fail("started building before checking the paths"))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("index\tsentence1\n0\tonly one column\n")
+    (tmp_path / "file").write_text("")
+    for argv, msg in ((["--test-file", f"RTE={tmp_path / 'missing.tsv'}"], "--test-file RTE="),
+                      (["--test-file", f"RTE={bad}"], "missing column"),
+                      (["--checkpoint", f"RTE={tmp_path / 'nockpt'}"], "no such checkpoint folder"),
+                      (["--data-dir", str(tmp_path / "nodata")], "--data-dir"),
+                      (["--out", str(tmp_path / "file" / "sub")], "is not a writable folder")):
+        with pytest.raises(SystemExit) as e:
+            B.main(["--tasks", "RTE", *(["--out", str(tmp_path / "o")] if "--out" not in argv else []), *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_risk_summary_picks_the_best_methods_on_calib_not_on_test():
+    from benchmarks.risk_summary import summary
+
+    def row(calib, redraw, test):
+        return {"calibration": {"threshold": 0.5 if calib is not None else None, "saved": calib},
+                "validation": {"violation_frequency": 0.05, "mean_population_saved": redraw}, "dev": {"saved": test}}
+
+    rows = {"maxprob": row(0.40, 0.41, 0.30), "deebert": row(0.30, 0.50, 0.60),  # deebert best on test only
+            "ppo:confidence:consistency": row(0.45, 0.30, 0.35), "fqi:confidence:consistency": row(None, 0.9, 0.9)}
+    res = {"config": {"ltt": ["consistency:0.02:0.1"], "tasks": ["T"]},
+           "risk_control": {"T": {"consistency:0.02:0.1": rows}}}
+    md = summary(res)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| T |"))
+    assert "PPO confidence/consistency | 45.0%, 30.0%, 35.0%" in line
+    assert "Right-Tool (max prob) | 40.0%, 41.0%, 30.0%" in line and "DeeBERT" not in line and "FQI" not in line
+    assert "on 1 of 1 tasks (T)." in md
+
+
+
+@pytest.mark.parametrize("deploy", ["nested", "refit", "mean"])
+def test_calib_scores_come_from_the_rule_that_is_deployed(deploy):
+    """Model j scores every instance 2**j, so a score names the models averaged into it. The calib score the
+    knob is chosen on (the headline's calib figure) must come from the same kind of rule as the deployed one
+    (test): one model (refit, the default) or the mean of K models (nested); ``mean`` keeps the old mismatch
+    (single model on calib, mean of K on test)."""
+    from agents.benchmark import calib_folds, crossfit_scores
+
+    caches = _caches(3)
+    folds = calib_folds(caches["calib"], 2, 0)
+    models = []
+
+    def fit(train, held, j):
+        models.append((j, train.num_instances))
+        return lambda c: np.full((c.num_instances, c.num_layers), 2.0 ** j)
+
+    out = crossfit_scores(fit, caches, folds, deploy=deploy)
+    dev = np.unique(out["dev"])
+    calib_by_fold = [np.unique(out["calib"][f]) for f in folds]
+    assert len(dev) == 1 and all(len(v) == 1 for v in calib_by_fold)
+    n = caches["calib"].num_instances
+    if deploy == "nested":  # dev: mean of fold models 0, 1; fold k's calib: mean of its 2 inner models
+        assert dev[0] == (1 + 2) / 2
+        assert [v[0] for v in calib_by_fold] == [(2 ** 2 + 2 ** 3) / 2, (2 ** 4 + 2 ** 5) / 2]
+        assert sorted(j for j, _ in models) == list(range(6))
+        assert all(m < n // 2 for j, m in models if j >= 2)  # inner models learn on part of the other fold
+    elif deploy == "refit":  # dev: the model refitted on all of calib; calib: single out-of-fold models
+        assert dev[0] == 2 ** 2 and (2, n) in models
+        assert [v[0] for v in calib_by_fold] == [1, 2]
+    else:
+        assert dev[0] == 1.5 and [v[0] for v in calib_by_fold] == [1, 2]

@@ -139,3 +139,20 @@ def test_exits_for_grid_equals_one_threshold_at_a_time():
     e = C.exits_for_grid(s, grid)
     for k, t in enumerate(grid):
         np.testing.assert_array_equal(e[k], C.exits_at(s, t))
+
+
+def test_rule_grids_are_fixed_before_the_calibration_scores_are_seen():
+    """Fixed-sequence testing needs its order set in advance: a rule's grid depends on its score's range only,
+    so two calibration sets with different scores are tested along the same thresholds."""
+    from agents.policies import LearnedExit, LayerMLPPolicy
+
+    a, b = make_synthetic_cache(split="calib", seed=0), make_synthetic_cache(split="calib", seed=1)
+    assert not np.allclose(a.log_probs[:50], b.log_probs[:50])
+    policy = LearnedExit(LayerMLPPolicy(a.hidden_size, a.num_layers))
+    for rule in ("maxprob", "entropy", "patience", "static", "policy"):
+        sa, ga = C.rule_scores(rule, a, policy)
+        sb, gb = C.rule_scores(rule, b, policy)
+        assert ga == gb and ga[0] == float("inf") and ga == sorted(ga, reverse=True), rule
+    # the grid spans the score's whole range, densest near its confident end
+    g = C.rule_scores("maxprob", a)[1][1:]
+    assert g[0] == 1.0 and g[-1] == pytest.approx(1 / a.num_classes) and g[0] - g[1] < 1e-4

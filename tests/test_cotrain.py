@@ -1,12 +1,26 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from agents import cotrain
 from agents.policies.net import LayerMLPPolicy
 from agents.rl.losses import exit_layer_loss, joint_loss
-from tests.conftest import TINY_TASK
+from tests.conftest import TINY_TASK, TINY_TRAIN, register_tiny_task
+
+
+@pytest.fixture(scope="module")
+def holdout_ckpt(tmp_path_factory, tiny_task_files, tiny_encoder_dir):
+    """A tiny stage-1 checkpoint with 30% of the train rows held out (co-training's calib rows)."""
+    import backbones.train as tr
+
+    root = tmp_path_factory.mktemp("cotrain_stage1")
+    register_tiny_task(tiny_task_files)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CEE_RUNS_DIR", str(root))
+        return tr.train(tr.TrainConfig(task=TINY_TASK, model=str(tiny_encoder_dir), holdout=0.3,
+                                       out=str(root / "ckpt"), save_every=0, **TINY_TRAIN))
 
 
 class _FixedExit(torch.nn.Module):
@@ -85,8 +99,8 @@ def test_joint_loss_trains_the_policy_towards_the_better_exit():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
-def test_cotrain_round_trip_and_resume(tiny_checkpoint, tiny_task, tmp_runs, capsys):
-    ckpt, _ = tiny_checkpoint
+def test_cotrain_round_trip_and_resume(holdout_ckpt, tiny_task, tmp_runs, capsys):
+    ckpt = holdout_ckpt
     args = cotrain.Args(env=f"cee/{TINY_TASK}-v0", rounds=1, tol=0.0, alpha=0.05, policy_epochs=2,
                         backbone_epochs=1, backbone_lr=1e-3, head_lr=1e-3, checkpoint=str(ckpt), name="t")
     summary = cotrain.run(args)
@@ -108,7 +122,7 @@ def test_cotrain_round_trip_and_resume(tiny_checkpoint, tiny_task, tmp_runs, cap
     assert len(fig2["before"]["train"]) == 2 and len(fig2["after"]["dev"]) == 2
     assert (root / "figure2_layer_accuracy.png").stat().st_size > 1000
     t1 = summary["table1"]
-    assert t1["n"] == 64 and "rho_forgetting" in t1
+    assert t1["n"] == 44 and "rho_forgetting" in t1  # 64 rows minus the 20 held out (ceil of 30%)
     # The tiny task is memorized at layer 1 by every instance: a constant, so Spearman is undefined (nan).
     mem_constant = summary["rounds"][0]["exit_hist"] is not None and fig2["before"]["train"][0] == 1.0
     assert np.isnan(t1["rho_loss"]) if mem_constant else -1 <= t1["rho_loss"] <= 1
@@ -121,8 +135,8 @@ def test_cotrain_round_trip_and_resume(tiny_checkpoint, tiny_task, tmp_runs, cap
     assert [r["metric"] for r in again["rounds"]] == [r["metric"] for r in summary["rounds"]]
 
 
-def test_cotrain_joint_variant_trains_backbone_and_policy(tiny_checkpoint, tiny_task, tmp_runs):
-    ckpt, _ = tiny_checkpoint
+def test_cotrain_joint_variant_trains_backbone_and_policy(holdout_ckpt, tiny_task, tmp_runs):
+    ckpt = holdout_ckpt
     args = cotrain.Args(env=f"cee/{TINY_TASK}-v0", rounds=1, tol=0.0, alpha=0.05, policy_epochs=1, joint=True,
                         backbone_epochs=1, backbone_lr=1e-3, head_lr=1e-3, checkpoint=str(ckpt), name="j")
     summary = cotrain.run(args)
@@ -132,7 +146,8 @@ def test_cotrain_joint_variant_trains_backbone_and_policy(tiny_checkpoint, tiny_
     cfg = json.loads((new_ckpt / "train_config.json").read_text())
     assert cfg["objective"] == "joint" and cfg["memorized"].endswith("memorized_train.npy")
     mem = np.load(cfg["memorized"])
-    assert len(mem) == 64 and mem.min() >= 1 and mem.max() <= 2
+    assert len(mem) == 44 and mem.min() >= 1 and mem.max() <= 2
+    assert cfg["holdout"] == 0.3, "the backbone stage fits the rows stage 1 fitted: calib stays unseen"
     # The jointly trained policy differs from the round-0 REINFORCE policy it started from.
     from safetensors.numpy import load_file
 
@@ -141,3 +156,35 @@ def test_cotrain_joint_variant_trains_backbone_and_policy(tiny_checkpoint, tiny_
     assert any(not np.allclose(p0[k], pj[k]) for k in ("w1", "w2"))
     assert json.loads((new_ckpt / "policy" / "policy.json").read_text())["joint"] is True
     assert (tmp_runs / "tb" / "stage1" / "j-round-0-backbone").is_dir()  # one TensorBoard run per round
+
+
+def test_cotrain_stops_on_calib_and_never_reads_dev(holdout_ckpt, tiny_task_files, tmp_runs, tmp_path):
+    """The stop rule reads calib: the same run with a scrambled dev file makes the same rounds and stops."""
+    from backbones.tasks import task_from_file
+
+    def run(name, dev):
+        task_from_file(TINY_TASK, tiny_task_files["train"], text_a="text", label="label", dev_path=dev,
+                       label_names=["neg", "pos"])
+        args = cotrain.Args(env=f"cee/{TINY_TASK}-v0", rounds=2, tol=0.3, alpha=0.05, policy_epochs=2,
+                            backbone_epochs=1, backbone_lr=1e-3, head_lr=1e-3, checkpoint=str(holdout_ckpt), name=name)
+        cotrain.run(args)
+        return json.loads((tmp_runs / "cotrain" / name / "state.json").read_text())["rounds"]
+
+    header, *rows = tiny_task_files["dev"].read_text().splitlines()
+    rng = np.random.default_rng(0)
+    scrambled = tmp_path / "dev_scrambled.tsv"  # the same texts with random labels, in another order
+    scrambled.write_text("\n".join([header] + [f"{r.split(chr(9))[0]}\t{rng.choice(['neg', 'pos'])}"
+                                                 for r in rng.permutation(rows)]) + "\n")
+    a, b = run("a", tiny_task_files["dev"]), run("b", scrambled)
+    assert len(a) >= 2
+    assert [r.get("stop") for r in a] == [r.get("stop") for r in b]
+    assert [r["calib"] for r in a] == [r["calib"] for r in b]
+    assert [r["dev"]["metric"] for r in a] != [r["dev"]["metric"] for r in b], "dev was scrambled"
+    for prev, r in zip(a, a[1:]):
+        assert r["change"]["metric"] == abs(r["calib"]["metric"] - prev["calib"]["metric"])
+        assert r["change"]["exit_tv"] == cotrain.exit_tv(r["calib"]["exit_hist"], prev["calib"]["exit_hist"])
+
+
+def test_cotrain_refuses_a_backbone_without_calib_rows(tiny_checkpoint, tiny_task, tmp_runs):
+    with pytest.raises(cotrain.UserError, match="held out no calib rows.*--holdout 0.3"):
+        cotrain.run(cotrain.Args(env=f"cee/{TINY_TASK}-v0", rounds=1, checkpoint=str(tiny_checkpoint[0]), name="n"))

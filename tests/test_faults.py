@@ -291,6 +291,23 @@ def test_a_checkpoint_trained_otherwise_is_not_reused(ckpt, tiny_task, tiny_enco
     assert tr.ensure_checkpoint(TINY_TASK, model=str(tiny_encoder_dir), out=str(out), **TINY_TRAIN) == out
 
 
+def test_a_checkpoint_is_not_reused_after_its_train_file_changed(ckpt, tiny_task, tiny_task_files, tiny_encoder_dir,
+                                                                 tmp_path, monkeypatch):
+    out = copy_ckpt(ckpt, tmp_path / "ck")
+    same, changed = tmp_path / "same.tsv", tmp_path / "changed.tsv"
+    text = tiny_task_files["train"].read_text()
+    same.write_text(text)
+    header, *rows = text.splitlines()
+    changed.write_text("\n".join([header, rows[1], rows[0], *rows[2:]]) + "\n")  # two rows swapped
+    monkeypatch.setattr(tr, "weighted_exit_loss", lambda *a, **k: pytest.fail("retrained"))
+    kw = dict(model=str(tiny_encoder_dir), out=str(out), **TINY_TRAIN)
+    assert tr.ensure_checkpoint(TINY_TASK, train_file=str(same), **kw) == out  # same rows from another path: reused
+    with pytest.raises(UserError, match=f"other settings: training rows \\(the content of {changed}"):
+        tr.ensure_checkpoint(TINY_TASK, train_file=str(changed), **kw)
+    with pytest.raises(UserError, match=f"trained on other rows than {changed} gives now"):
+        get_cache(TINY_TASK, "train", checkpoint=out, data_file=str(changed), verbose=False)
+
+
 # --------------------------------------------------------------------------- concurrency
 def test_a_second_trainer_waits_for_the_first(ckpt, tiny_task, tiny_encoder_dir, tmp_path, capsys):
     out = copy_ckpt(ckpt, tmp_path / "ck")

@@ -88,3 +88,83 @@ def test_crossfit_calib_is_out_of_fold(tmp_runs, tiny_task, tiny_encoder_dir, ca
         np.testing.assert_allclose(calib.log_probs[held], logp, rtol=1e-5, atol=1e-6)
     with pytest.raises(CacheError, match="fold 0 of 3"):
         get_cache(TINY_TASK, "calib", checkpoint=folds[0], verbose=False)
+
+
+def _spans(text: str) -> set[str]:
+    w = P.normalise_text(text).split(" ")
+    return {" ".join(w[a:b]) for a in range(len(w)) for b in range(a + 1, len(w) + 1)}
+
+
+def _calib_texts_inside_fit(texts, part, cap=None) -> list[str]:
+    """Held-out texts (the first ``cap``) that are contiguous word spans of some fitted text: by brute force."""
+    inside = set().union(*(_spans(texts[r]) for r in part.fit))
+    return [texts[r] for r in part.held_out[:cap] if P.normalise_text(texts[r]) in inside]
+
+
+def _phrase_rows(n_sentences: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """SST-2-like rows: whole sentences plus several of their contiguous spans, shuffled together."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(40)]
+    texts, labels = [], []
+    for s in range(n_sentences):
+        sent = list(rng.choice(words, size=rng.integers(4, 12)))
+        texts.append(" ".join(sent))
+        for _ in range(rng.integers(0, 6)):
+            a = int(rng.integers(0, len(sent)))
+            b = int(rng.integers(a + 1, len(sent) + 1))
+            texts.append(("  " if rng.random() < 0.3 else "") + " ".join(sent[a:b]).upper())  # case and spacing differ
+        labels += [s % 2] * (len(texts) - len(labels))
+    order = rng.permutation(len(texts))
+    return [texts[i] for i in order], np.asarray(labels)[order]
+
+
+@pytest.mark.parametrize("kw", [dict(max_train_samples=300), dict(holdout=0.3), dict(folds=3, fold=1)])
+def test_text_groups_keep_spans_of_a_text_on_its_side(kw):
+    texts, labels = _phrase_rows(200, seed=0)
+    by_row = P.partition(labels, seed=0, **kw)
+    assert _calib_texts_inside_fit(texts, by_row), "the row-level split puts spans of fit texts into calib"
+    part = P.partition(labels, seed=0, texts=texts, **kw)
+    assert _calib_texts_inside_fit(texts, part) == []
+    assert set(part.fit).isdisjoint(part.held_out)
+    if "max_train_samples" in kw:
+        assert len(part.fit) <= 300 and len(part.fit) + len(part.held_out) > len(texts) // 2
+    # a capped calib set spreads over source texts: its first rows come from distinct groups
+    group = P.text_groups(tuple(texts))[0]
+    head = part.held_out[:20]
+    assert len(set(group[head])) == len(head)
+    np.testing.assert_array_equal(part.fit, P.partition(labels, seed=0, texts=texts, **kw).fit)  # seeded
+
+
+def test_text_groups_without_shared_text_change_nothing():
+    texts = [f"sentence number {i}" for i in range(500)]  # no text is a span of another
+    labels = np.arange(500) % 2
+    for kw in (dict(max_train_samples=300), dict(holdout=0.3), dict(folds=3, fold=2)):
+        a, b = P.partition(labels, seed=0, **kw), P.partition(labels, seed=0, texts=texts, **kw)
+        np.testing.assert_array_equal(a.fit, b.fit)
+        np.testing.assert_array_equal(a.held_out, b.held_out)
+
+
+def test_text_groups_match_spans_on_whole_words_ignoring_case_and_spacing():
+    texts = ("a good movie", "good", "GOOD  movie", "od mo", "a good", "bad", "good movie")
+    group, outer, inner = P.text_groups(texts)
+    contains = set(zip(outer.tolist(), inner.tolist()))
+    assert (0, 1) in contains and (0, 2) in contains and (0, 4) in contains and (2, 6) in contains
+    assert (0, 3) not in contains, "spans are whole words"
+    assert group[1] == group[2] == group[4] == group[6] == group[0] and group[5] != group[0] and group[3] != group[0]
+
+
+def test_sst2_holds_out_by_text_group_and_its_checkpoint_is_new():
+    assert T.get_task("SST2").group_by_text and not T.get_task("RTE").group_by_text
+    assert tr.run_name(tr.TrainConfig(task="SST2").resolved()).endswith("-s0-textgroups")
+    assert tr.run_name(tr.TrainConfig(task="RTE").resolved()).endswith("-s0")
+
+
+@pytest.mark.slow  # reads SST-2's 67k training phrases (~10 s)
+def test_sst2_calib_texts_are_never_spans_of_fit_texts():
+    ds = T.load_split("SST2", "train")
+    texts, labels = ds["text_a"], np.asarray(ds["label"])
+    old = P.partition(labels, seed=0, max_train_samples=8000)
+    assert len(_calib_texts_inside_fit(texts, old, P.CALIB_ROWS)) > 1000  # the issue's 1,485 of 4,000
+    new = P.partition(labels, seed=0, max_train_samples=8000, texts=T.get_task("SST2").partition_texts(ds))
+    assert len(new.held_out) >= P.CALIB_ROWS and len(new.fit) <= 8000
+    assert _calib_texts_inside_fit(texts, new, P.CALIB_ROWS) == []

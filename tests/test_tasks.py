@@ -159,6 +159,13 @@ def test_task_file_json_registers_the_task(tmp_path):
     ds = load_split("Pairs", "train")
     assert ds["text_a"] == ["a b", "d", "g"] and ds["text_b"] == ["c", "e f", "h"] and ds["label"] == [1, 0, 1]
     assert load_split("Pairs", "dev")["label"] == [0]
+    assert spec.partition_texts(ds) is None  # rows held out one by one
+
+
+def test_task_file_group_by_text_groups_a_pair_by_both_texts(tmp_path):
+    spec = load_task_file(write_pair_task(tmp_path, group_by_text=True))
+    assert spec.group_by_text
+    assert spec.partition_texts(load_split("Pairs", "train")) == ("a b [SEP] c", "d [SEP] e f", "g [SEP] h")
 
 
 def test_task_file_toml_resolves_paths_against_its_folder(tmp_path, monkeypatch):
@@ -183,6 +190,7 @@ def test_task_file_toml_resolves_paths_against_its_folder(tmp_path, monkeypatch)
     ({"label": "answer"}, "no label column 'answer'"),
     ({"dev": "data/missing.csv"}, "Pairs dev file not found"),
     ({"label_names": ["n", "y"]}, "labels ['no', 'yes'] are not in label_names"),
+    ({"group_by_text": "yes"}, "key 'group_by_text' must be true or false"),
 ])
 def test_task_file_errors_name_the_file_and_key(tmp_path, keys, msg):
     f = write_pair_task(tmp_path, **keys)
