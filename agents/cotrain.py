@@ -175,7 +175,6 @@ def run(args: Args) -> dict:
     from cee_env.cache import deployed_checkpoint
 
     stage1 = Path(args.checkpoint) if args.checkpoint else deployed_checkpoint(task, "holdout", args.data_dir, seed=args.seed)
-    fit_rows_of(stage1)
     root = runs_dir() / "cotrain" / (args.name or f"{task}-a{args.alpha:g}-s{args.seed}")
     with claim(root, f"the co-training run {root}"):
         return _run(args, task, stage1, root)
@@ -197,6 +196,7 @@ def _run(args: Args, task: str, stage1: Path, root: Path) -> dict:
             raise UserError(f"{root} holds a co-training run with other settings: {'; '.join(diff)}; rerun with its "
                             f"settings to resume it, or {fix}")
         print(f"resuming {root} after round {len(state['rounds']) - 1}")
+    fit_rows_of(stage1)  # a backbone without held-out calib rows is refused (after a resume's settings check)
     write_json(root / "args.json", asdict(args))
     t0 = time.time()
     ckpt, prev_policy = stage1, None
