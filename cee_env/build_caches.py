@@ -27,8 +27,10 @@ class Args:
     """splits to cache: train, calib, calib-a, calib-b, dev, test (test needs --test-file)"""
     task_file: str | None = None
     """a task described by a TOML/JSON file (then --task is ignored)"""
+    model: str | None = None
+    """backbone whose deployed stage-1 checkpoint is cached (default: the packaged all-MiniLM-L6-v2; see backbones.train --model)"""
     checkpoint: str | None = None
-    """stage-1 checkpoint directory (default: the protocol's deployed one, trained if missing)"""
+    """stage-1 checkpoint directory (default: the protocol's deployed one for --model, trained if missing)"""
     protocol: str | None = None
     """how calib rows are obtained: holdout or crossfit (default: the task's, backbones.protocol)"""
     data_dir: str | None = None
@@ -63,7 +65,7 @@ def build(args: Args) -> dict:
     for split in dict.fromkeys(args.splits):
         out[split] = c = get_cache(task, split, checkpoint=args.checkpoint, data_dir=args.data_dir,
                                    test_file=args.test_file, rebuild=args.rebuild, batch_size=args.batch_size,
-                                   protocol=args.protocol)
+                                   protocol=args.protocol, model=args.model)
         if ps is None or ps.is_main_process:
             print(f"{task}/{split}: {c.num_instances} instances x {c.num_layers} layers, fingerprint {c.fingerprint[:16]}",
                   flush=True)
