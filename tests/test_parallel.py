@@ -38,7 +38,7 @@ def test_serial_runs_never_import_ray(tmp_path):
 import sys
 from agents import benchmark, compare
 benchmark.main(["--tasks", "Synthetic", "--alphas", "0.1", "--learners", "fqi:confidence:consistency", "--epochs", "1",
-                "--grid", "5", "--ltt-resplits", "0", "--out", {str(tmp_path / 'b')!r}, "--no-plots", "--quiet"])
+                "--grid", "5", "--ltt-resplits", "0", "--lte.epochs", "1", "--out", {str(tmp_path / 'b')!r}, "--no-plots", "--quiet"])
 compare.main(["--env", "cee/Synthetic-v0", "--algos", "reinforce", "--seeds", "2", "--budget", "2000", "--quiet"])
 assert "ray" not in sys.modules, "ray was imported"
 print("no ray")
