@@ -20,8 +20,8 @@ def _bench_cfg(out, **kw):
     from agents.benchmark import BenchmarkConfig
     from agents.policies.heuristics import LTEConfig
 
-    return BenchmarkConfig(learners=("reinforce:confidence:consistency", "fqi:confidence:consistency"), alphas=(0.05, 0.2),
-                           epochs=1, grid=7, lte=LTEConfig(epochs=2), out=str(out), quiet=True, plots=False,
+    kw = {"learners": ("reinforce:confidence:consistency", "fqi:confidence:consistency"), "alphas": (0.05, 0.2), **kw}
+    return BenchmarkConfig(epochs=1, grid=7, lte=LTEConfig(epochs=2), out=str(out), quiet=True, plots=False,
                            ltt_resplits=20, reuse=False, **kw)
 
 
