@@ -122,6 +122,11 @@ class BenchmarkConfig:
     """calibration sets re-drawn (i.i.d. from calib+test as the population) to check each guarantee: the violation frequency must stay <= delta; 0: skip"""
     lte: LTEConfig = field(default_factory=LTEConfig)
     """how the BERxiT exit head is fitted"""
+    workers: int = 0
+    """run the independent knob paths (method x alpha) on this many local Ray workers (extra 'ray'); 0: one
+    after another in this process. Results are the same either way"""
+    ray_address: str | None = None
+    """run them on the Ray cluster at this address (e.g. ray://head:10001 or auto) instead"""
 
 
 # --------------------------------------------------------------------------- scores and points
@@ -368,32 +373,53 @@ def _lte_fitter(cfg: BenchmarkConfig):
     return fit
 
 
+def learned_path(task: str, method: str, alpha: float | None, cfg: "BenchmarkConfig", fold_sets: list,
+                 caches: dict[str, LayerCache]) -> tuple[dict, dict, float]:
+    """One knob path of the learned sweep as a pure function of its arguments (what a Ray worker runs): ``method``
+    "berxit" or a learner spec at ``alpha``, cross-fitted over ``fold_sets``; (scores, model 0's scores, seconds)."""
+    from agents.runtime import torch_threads
+
+    t0, first = time.time(), {}
+    make = (lambda r: _lte_fitter(cfg)) if method == "berxit" else (lambda r: _policy_fitter(task, method, alpha, cfg, r))
+    with torch_threads(cfg.threads):
+        s = repeated_crossfit(make, caches, fold_sets, first, cfg.deploy, cfg.seed)
+    return s, first, time.time() - t0
+
+
 def sweep_learned(task: str, caches: dict[str, LayerCache], cfg: BenchmarkConfig, log) -> tuple[list[dict], dict]:
-    """BERxiT and every learner x alpha, cross-fitted on calib; points of every knob on every split."""
+    """BERxiT and every learner x alpha, cross-fitted on calib; points of every knob on every split. The knob paths
+    (method x alpha) are independent: they run through :func:`agents.parallel.fit_map` (in this process, or on Ray
+    with ``--workers`` / ``--ray-address``) and are assembled in the serial order with the same seeds."""
+    from agents.parallel import fit_map
+
     fold_sets = [calib_folds(caches["calib"], cfg.calib_folds, cfg.seed + 1000 * r) for r in range(cfg.calib_repeats)]
     points, timing = [], {}
     families: dict[str, list[dict]] = {}  # method -> per alpha (knob path) the scores of model 0 (risk control)
+    paths = [("berxit", None)] + [(spec, alpha) for spec in cfg.learners for alpha in cfg.alphas]
     t0 = time.time()
-    families["berxit"] = [{}]
-    s = repeated_crossfit(lambda r: _lte_fitter(cfg), caches, fold_sets, families["berxit"][0], cfg.deploy, cfg.seed)
+    done = iter(fit_map(learned_path, [(task, m, a, cfg, fold_sets) for m, a in paths],
+                        [f"{task}/{m}" + (f"/a{a:g}" if a is not None else "") for m, a in paths], shared=caches,
+                        workers=cfg.workers, address=cfg.ray_address, desc=None if cfg.quiet else f"[{task}] {len(paths)} knob paths"))
+    timing["learned_paths"], timing["learned_wall_s"] = len(paths), round(time.time() - t0, 1)
+    s, first, secs = next(done)
+    families["berxit"] = [first]
+    timing["berxit_s"] = round(secs, 1)
     points += score_points(task, "berxit", s, caches, [({"threshold": t}, t) for t in threshold_grid(s["calib"], cfg.grid)])
-    timing["berxit_s"] = round(time.time() - t0, 1)
     for spec in cfg.learners:
-        t0 = time.time()
-        families[spec] = []
+        families[spec], secs_spec = [], 0.0
         for alpha in cfg.alphas:
-            families[spec].append({"alpha": alpha})
-            s = repeated_crossfit(lambda r, sp=spec, a=alpha: _policy_fitter(task, sp, a, cfg, r), caches, fold_sets,
-                                  families[spec][-1], cfg.deploy, cfg.seed)
+            s, first, secs = next(done)
+            families[spec].append({"alpha": alpha, **first})
+            secs_spec += secs
             thr = threshold_grid(s["calib"], cfg.grid, fixed=(0.5,))
             points += score_points(task, spec, s, caches, [({"alpha": alpha, "threshold": t}, t) for t in thr])
             points += score_points(task, spec + "+paper", s, caches, [({"alpha": alpha}, 0.5)])
-        timing[f"{spec}_s"] = round(time.time() - t0, 1)
+        timing[f"{spec}_s"] = round(secs_spec, 1)  # seconds of fitting, summed over its paths
         calib = caches["calib"]
         ref = score_exits(np.full(calib.num_instances, calib.num_layers - 1), calib, "full").metric
         cal = choose([p for p in points if p["method"] == spec and p["split"] == "calib"], ref, cfg.max_drop)
-        log(f"  [{task}] {spec}: {len(cfg.alphas)} alphas x {cfg.calib_folds} folds x {cfg.calib_repeats} splits in {timing[f'{spec}_s']:.0f} s; "
-            f"calib <=1 pt: {_describe(cal)}")
+        log(f"  [{task}] {spec}: {len(cfg.alphas)} alphas x {cfg.calib_folds} folds x {cfg.calib_repeats} splits, "
+            f"fits {timing[f'{spec}_s']:.0f} s; calib <=1 pt: {_describe(cal)}")
     return points, timing, families, fold_sets[0][0]
 
 
@@ -856,6 +882,7 @@ def load_caches(task: str, cfg: BenchmarkConfig, test_file: str | None, checkpoi
 
 
 def check(cfg: BenchmarkConfig) -> None:
+    from agents.parallel import check_workers
     from backbones.cli import UserError
 
     if not cfg.tasks:
@@ -878,6 +905,7 @@ def check(cfg: BenchmarkConfig) -> None:
         parse_setting(s)
     if cfg.ltt_resplits < 0:
         raise UserError(f"--ltt-resplits must be >= 0; got {cfg.ltt_resplits}")
+    check_workers(cfg.workers, cfg.ray_address)
 
 
 def check_paths(cfg: BenchmarkConfig, tests: dict[str, str], ckpts: dict[str, str]) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents import reinforce, sb3
+from agents.parallel import check_workers, fit_map
 from agents.runtime import DataArgs, tail_mean
 from backbones.cli import parse, user_errors
 from backbones.files import write_json
@@ -66,6 +67,11 @@ class Args(DataArgs):
     """output folder under runs/compare (default: the env name, e.g. RTE-v0, with -<model> for another --model)"""
     quiet: bool = False
     """print only the final table"""
+    workers: int = 0
+    """run the (algo, seed) runs on this many local Ray workers (extra 'ray'); 0: one after another in this
+    process. Results are the same either way"""
+    ray_address: str | None = None
+    """run them on the Ray cluster at this address (e.g. ray://head:10001 or auto) instead"""
 
 
 def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> dict:
@@ -219,22 +225,18 @@ def compare(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         raise ValueError(f"--algos must name some of {ALGOS}; got {args.algos!r}")
     if args.seeds < 1 or args.budget < 1:
         raise ValueError("--seeds and --budget must be >= 1")
+    check_workers(args.workers, args.ray_address)
     reinforce.register_task_file(args)
     cee_env.env_task(args.env)  # registers cee/<Task>-v0 (a clear error for an unknown env id)
     if caches is None:
         caches = reinforce.make_caches(args)
     out_dir = runs_dir() / "compare" / (args.name or args.env.split("/")[-1] + model_suffix(args.model))
-    rows = []
-    for algo in algos:
-        for seed in range(args.seeds):
-            if not args.quiet:
-                print(f"[compare] {algo} seed {seed} ...", flush=True)
-            rows.append(run_one(algo, seed, args, caches))
-            if not args.quiet:
-                r = rows[-1]
-                print(f"[compare] {algo} seed {seed}: dev {100 * r['dev']['metric']:.1f} saved "
-                      f"{100 * r['dev']['saved_layers']:.1f}% return {r['dev']['return']:.3f} "
-                      f"in {r['wall_seconds']:.0f} s", flush=True)
+    jobs = [(algo, seed, args) for algo in algos for seed in range(args.seeds)]  # independent: any order, any worker
+    rows = fit_map(run_one, jobs, [f"{algo}/seed{seed}" for algo, seed, _ in jobs], shared=caches, workers=args.workers,
+                   address=args.ray_address, desc=None if args.quiet else f"[compare] {len(jobs)} runs")
+    for r in rows if not args.quiet else ():
+        print(f"[compare] {r['algo']} seed {r['seed']}: dev {100 * r['dev']['metric']:.1f} saved "
+              f"{100 * r['dev']['saved_layers']:.1f}% return {r['dev']['return']:.3f} in {r['wall_seconds']:.0f} s")
     L = caches["train"].num_layers
     splits = [s for s in ("dev", "test") if s in caches and caches[s].has_labels]
     reference, iqm, tables = {}, {}, []

@@ -98,7 +98,8 @@ def make_caches(args) -> dict[str, LayerCache]:
     if task.lower() == "synthetic":
         from cee_env.synthetic import make_synthetic_cache
 
-        return {"train": make_synthetic_cache(split=split, seed=args.seed), "dev": make_synthetic_cache(split="dev", seed=args.seed)}
+        seed = getattr(args, "seed", 0)  # agents.compare runs several seeds on one synthetic task (seed 0's)
+        return {"train": make_synthetic_cache(split=split, seed=seed), "dev": make_synthetic_cache(split="dev", seed=seed)}
     from cee_env.cache import deployed_checkpoint, get_cache
 
     ckpt = args.checkpoint or deployed_checkpoint(task, getattr(args, "protocol", None), args.data_dir,

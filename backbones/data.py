@@ -64,19 +64,35 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
 
+def shard_rows(order: np.ndarray, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """The rows of process ``rank`` of ``world`` when the batches of ``order`` (consecutive ``batch_size``
+    chunks) are dealt out in turn: every process runs whole batches of the one-process pass, so each
+    instance is padded and computed exactly as there."""
+    starts = range(rank * batch_size, len(order), world * batch_size)
+    return np.concatenate([order[i:i + batch_size] for i in starts]) if len(starts) else order[:0]
+
+
 @torch.no_grad()
-def run_all_layers(model, encoded: Encoded, batch_size: int = 64, states: bool = False, desc: str | None = None):
-    """Every internal classifier on every instance: log-probs [N, L, C] (and states [N, L, H])."""
+def run_all_layers(model, encoded: Encoded, batch_size: int = 64, states: bool = False, desc: str | None = None,
+                   shard: tuple[int, int] | None = None):
+    """Every internal classifier on every instance: log-probs [N, L, C] (and states [N, L, H]).
+
+    ``shard=(rank, world)``: only this process's batches (:func:`shard_rows`); returns ``(rows, log-probs,
+    states or None)`` for those rows in that order (arrays None when the process got no batch)."""
     model.eval()
     device = next(model.parameters()).device
     logps, sts = [], []
     order = np.argsort(-encoded.lengths, kind="stable")  # similar lengths together: less padding
+    if shard is not None:
+        order = shard_rows(order, batch_size, *shard)
     for batch in tqdm(encoded.loader(batch_size, indices=order), desc=desc, disable=desc is None, leave=False):
         out = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}, return_states=states)
         logits, st = out if states else (out, None)
         logps.append(torch.log_softmax(logits.float(), -1).cpu().numpy())
         if states:
             sts.append(st.float().cpu().numpy())
+    if shard is not None:
+        return order, (np.concatenate(logps) if logps else None), (np.concatenate(sts) if sts else None)
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
     logp = np.concatenate(logps)[inv]

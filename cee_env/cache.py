@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -177,15 +179,69 @@ def load_if_usable(folder: Path, fp: str, quiet: bool = False) -> LayerCache | N
 
 
 def build_cache(model, tokenizer, ds, *, task: str, split: str, label_names, metric: str, max_length: int,
-                fingerprint_: str = "", batch_size: int = 64, meta: dict | None = None) -> LayerCache:
-    """Run a multi-exit model once over a dataset: states, log-probs, labels for every layer."""
+                fingerprint_: str = "", batch_size: int = 64, meta: dict | None = None,
+                processes=None, scratch: Path | None = None) -> LayerCache | None:
+    """Run a multi-exit model once over a dataset: states, log-probs, labels for every layer.
+
+    ``processes`` (accelerate's state of a multi-process launch, :func:`launched_processes`): each process
+    runs its share of the batches and writes it under ``scratch`` (a folder all of them see); the main one
+    merges them into the cache one process would build (same batches, so the same bytes) and returns it,
+    the others return None."""
     from backbones.data import Encoded, run_all_layers
 
     enc = Encoded(ds, tokenizer, max_length)
-    logp, states = run_all_layers(model, enc, batch_size, states=True, desc=f"caching {task}/{split}")
+    desc = f"caching {task}/{split}"
+    if processes is None:
+        logp, states = run_all_layers(model, enc, batch_size, states=True, desc=desc)
+    elif (merged := _sharded_pass(model, enc, batch_size, processes, Path(scratch), desc)) is None:
+        return None
+    else:
+        logp, states = merged
     return LayerCache(states=states.astype(np.float32), log_probs=logp.astype(np.float32), labels=enc.labels,
                       task=task, split=split, label_names=tuple(label_names), metric=metric,
                       fingerprint=fingerprint_, meta=dict(meta or {}))
+
+
+def launched_processes():
+    """accelerate's ``PartialState`` when this process is one of several started by ``accelerate launch``
+    (or torchrun): layer caches are then built by all of them together. None in a plain process
+    (accelerate is not imported then)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as accelerate's Accelerator reads it
+
+
+def _sharded_pass(model, enc, batch_size: int, ps, scratch: Path, desc: str):
+    """This process's batches (``backbones.data.shard_rows``) through the model, written to ``scratch``;
+    on the main process, every process's rows put back in row order: (log-probs, states). None elsewhere."""
+    from backbones.data import run_all_layers
+
+    rank, world = ps.process_index, ps.num_processes
+    rows, logp, states = run_all_layers(model.to(ps.device), enc, batch_size, states=True,
+                                        desc=desc if ps.is_main_process else None, shard=(rank, world))
+    part = lambda r, name: scratch / f"{r}-of-{world}.{name}.npy"  # noqa: E731
+    if len(rows):
+        save_npy(part(rank, "log_probs"), logp)
+        save_npy(part(rank, "states"), states)
+    save_npy(part(rank, "rows"), rows)
+    ps.wait_for_everyone()
+    if not ps.is_main_process:
+        return None
+    out_logp = out_states = None
+    for r in range(world):
+        rows = np.load(part(r, "rows"))
+        if not len(rows):
+            continue
+        lp, st = np.load(part(r, "log_probs")), np.load(part(r, "states"))
+        if out_logp is None:
+            out_logp = np.empty((len(enc), *lp.shape[1:]), lp.dtype)
+            out_states = np.empty((len(enc), *st.shape[1:]), st.dtype)
+        out_logp[rows], out_states[rows] = lp, st
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out_logp, out_states
 
 
 SPLITS = ("train", "calib", "calib-a", "calib-b", "dev", "test")
@@ -358,6 +414,19 @@ def _layer_pass(spec, ckpt: Path, split: str, ds, rows: np.ndarray | None, data_
             ds = ds.select(rows)
     fp = fingerprint(ckpt, spec.name, split, data_id, cfg["max_length"], rows_id)
     folder = runs_dir() / "cache" / spec.name / f"{split}-{fp[:16]}"
+
+    def encode(ps=None) -> LayerCache | None:
+        meta = {"checkpoint": str(ckpt), "source": data_id, "pooling": cfg["pooling"]}
+        if rows is not None:
+            meta["rows"] = rows.tolist()
+        model = MultiExitEncoder.load(ckpt).to(resolve_device())  # $CEE_DEVICE, else CUDA when present
+        return build_cache(model, load_tokenizer(ckpt), ds, task=spec.name, split=split,
+                           label_names=spec.label_names, metric=spec.metric, max_length=cfg["max_length"],
+                           fingerprint_=fp, batch_size=batch_size, meta=meta,
+                           processes=ps, scratch=folder.parent / f".{folder.name}.shards")
+
+    if (ps := launched_processes()) is not None:  # under `accelerate launch`: each process encodes a share
+        return _build_together(ps, folder, fp, encode, rebuild, f"{spec.name}/{split} ({len(ds)} instances)", verbose)
     if not rebuild and (cached := load_if_usable(folder, fp)) is not None:
         return cached
     with claim(folder, f"the layer cache {spec.name}/{split}"):  # a second builder waits, then loads it
@@ -365,14 +434,25 @@ def _layer_pass(spec, ckpt: Path, split: str, ds, rows: np.ndarray | None, data_
             return cached
         if verbose:
             print(f"building the layer cache for {spec.name}/{split} ({len(ds)} instances) from {ckpt}")
-        model = MultiExitEncoder.load(ckpt).to(resolve_device())  # $CEE_DEVICE, else CUDA when present
-        meta = {"checkpoint": str(ckpt), "source": data_id, "pooling": cfg["pooling"]}
-        if rows is not None:
-            meta["rows"] = rows.tolist()
-        cache = build_cache(model, load_tokenizer(ckpt), ds, task=spec.name, split=split,
-                            label_names=spec.label_names, metric=spec.metric, max_length=cfg["max_length"],
-                            fingerprint_=fp, batch_size=batch_size, meta=meta)
-        save_cache(cache, folder)
+        save_cache(encode(), folder)
+    return load_cache(folder, fp)
+
+
+def _build_together(ps, folder: Path, fp: str, encode, rebuild: bool, what: str, verbose: bool) -> LayerCache:
+    """:func:`_layer_pass` in one of several processes: the main one holds the lock and decides whether the
+    cache must be built (the others may not see the same files), all of them encode their share
+    (``encode(ps)``), the main one writes the merged cache; then every process loads it."""
+    from accelerate.utils import broadcast_object_list
+
+    with claim(folder, f"the layer cache {what}") if ps.is_main_process else nullcontext():
+        build = ps.is_main_process and (rebuild or load_if_usable(folder, fp) is None)
+        if broadcast_object_list([build])[0]:
+            if verbose and ps.is_main_process:
+                print(f"building the layer cache for {what} on {ps.num_processes} processes")
+            cache = encode(ps)
+            if ps.is_main_process:
+                save_cache(cache, folder)
+        ps.wait_for_everyone()
     return load_cache(folder, fp)
 
 

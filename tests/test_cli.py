@@ -32,6 +32,7 @@ ENTRY_POINTS = [
     ("agents.compare", "Args"),
     ("agents.benchmark", "BenchmarkConfig"),
     ("agents.calibrate", "Args"),
+    ("cee_env.build_caches", "Args"),
 ]
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -143,3 +145,52 @@ def test_ddp_resume_after_crash(tmp_path, tiny_rte_files, tiny_encoder_dir):
     assert r.returncode == 0, log[-4000:]
     assert log.count("resuming ddp at epoch 2, step 2") == 1, log[-4000:]
     check_complete(out)
+
+
+def cache_folders(runs: Path) -> dict[str, Path]:
+    return {p.name.split("-")[0]: p for p in (runs / "cache" / "RTE").iterdir() if p.is_dir()}
+
+
+def test_cache_built_by_two_processes_is_byte_identical(tmp_path, tiny_rte_files, tiny_encoder_dir, monkeypatch):
+    """`accelerate launch` of cee_env.build_caches on 2 CPU processes writes the caches one process writes, byte
+    for byte (states, log-probs, labels, meta.json with fingerprint and checksums); a corrupt cache found there is
+    rebuilt. Batch size 4: calib (18 rows) and test (30 rows) give 5 and 8 batches, the short last one on rank 0
+    and on rank 1 respectively."""
+    from backbones.train import TrainConfig, train
+    from cee_env.cache import get_cache
+
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setenv("CEE_RUNS_DIR", str(tmp_path / "one"))
+    train(TrainConfig(task="RTE", model=str(tiny_encoder_dir), train_file=str(tiny_rte_files["train"]),
+                      dev_file=str(tiny_rte_files["dev"]), out=str(ckpt), holdout=0.3, epochs=1, batch_size=8,
+                      max_length=32, save_every=0))
+    for split in ("calib", "test"):
+        get_cache("RTE", split, checkpoint=ckpt, test_file=str(tiny_rte_files["dev"]), batch_size=4, verbose=False)
+    one = cache_folders(tmp_path / "one")
+    assert sorted(one) == ["calib", "test"]
+
+    damaged = tmp_path / "runs" / "cache" / "RTE" / one["calib"].name  # a corrupt copy where the launch looks
+    shutil.copytree(one["calib"], damaged)
+    lp = bytearray((damaged / "log_probs.npy").read_bytes())
+    lp[-1] ^= 0xFF
+    (damaged / "log_probs.npy").write_bytes(bytes(lp))
+
+    r = launch(tmp_path, ["-m", "cee_env.build_caches"],
+               ["--task", "RTE", "--checkpoint", str(ckpt), "--splits", "calib", "test", "--test-file",
+                str(tiny_rte_files["dev"]), "--batch-size", "4"])
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "checksum mismatch" in log and log.count("on 2 processes") == 2, log[-4000:]
+    # the main process's progress bar counts its own batches: 3 of calib's 5, 4 of test's 8
+    assert re.search(r"caching RTE/calib: .*\b0/3\b", log) and re.search(r"caching RTE/test: .*\b0/4\b", log), log
+    assert not re.search(r"caching RTE/(calib|test): .*\b0/(5|8)\b", log), log
+    assert log.count("RTE/calib: 18 instances x 2 layers") == 1, log[-4000:]  # printed by the main process only
+    two = cache_folders(tmp_path / "runs")
+    assert sorted(two) == ["calib", "test"] and two["calib"].name == one["calib"].name
+    for split in one:
+        names = sorted(p.name for p in one[split].iterdir())
+        assert names == sorted(p.name for p in two[split].iterdir()) == ["labels.npy", "log_probs.npy", "meta.json",
+                                                                        "states.npy"]
+        for name in names:
+            assert (one[split] / name).read_bytes() == (two[split] / name).read_bytes(), (split, name)
+    assert not list((tmp_path / "runs" / "cache" / "RTE").glob(".*.shards"))  # the shards were merged and removed
