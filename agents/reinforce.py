@@ -203,7 +203,7 @@ def _train(args: Args, caches: dict[str, LayerCache], name: str, run_dir: Path, 
             obs, info = envs.reset(options={"indices": np.repeat(ids, args.k)})
             alive = np.ones(nenv, dtype=bool)
             returns = np.zeros(nenv)
-            obs_t, layer_t, act_t, alive_t = [], [], [], []
+            obs_t, layer_t, act_t, alive_t, decide_t = [], [], [], [], []
             while alive.any():
                 s = torch.as_tensor(obs)
                 layer = torch.as_tensor(info["layer"] - 1)
@@ -213,15 +213,17 @@ def _train(args: Args, caches: dict[str, LayerCache], name: str, run_dir: Path, 
                 explore = rng.random(nenv) < eps
                 a = np.where(explore, rng.random(nenv) < 0.5, a).astype(np.int64)
                 obs_t.append(s), layer_t.append(layer), act_t.append(a), alive_t.append(alive.copy())
+                decide_t.append(alive & (info["layer"] < L))  # the exit at layer L is forced: not a decision
                 obs, r, term, trunc, info = envs.step(a)
                 returns[alive] = r[alive]
                 alive &= ~(term | trunc)
-            # Recompute log pi(tau) with gradients (Eq 5).
+            # Recompute log pi(tau) with gradients (Eq 5), over the decisions taken (layers 1..L-1).
             T = len(obs_t)
             logits = net.logits(torch.cat(obs_t), torch.cat(layer_t)).view(T, nenv)
             acts = torch.as_tensor(np.stack(act_t), dtype=torch.float32)
             alv = torch.as_tensor(np.stack(alive_t), dtype=torch.float32)
-            loss = reinforce_loss(logits, acts, alv, torch.as_tensor(returns, dtype=torch.float32), args.k)
+            decided = torch.as_tensor(np.stack(decide_t), dtype=torch.float32)
+            loss = reinforce_loss(logits, acts, decided, torch.as_tensor(returns, dtype=torch.float32), args.k)
             opt.zero_grad()
             loss.backward()
             opt.step()
