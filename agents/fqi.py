@@ -36,10 +36,9 @@ import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents.evaluate import evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from agents.reinforce import log_eval, make_caches, print_summary, register_task_file
-from agents.runtime import DataArgs, check_inputs, policy_record, run_name, torch_threads
+from agents.runtime import DataArgs, check_inputs, policy_record, run_folders, run_name, torch_threads
 from backbones.cli import parse, user_errors
-from backbones.files import check_writable, write_json
-from backbones.paths import runs_dir
+from backbones.files import write_json
 from cee_env.cache import LayerCache
 from cee_env.env import check_env_args
 
@@ -184,9 +183,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     cee_env.env_task(args.env)
     name = run_name(args, f"{args.env.split('/')[-1]}-{args.reward}-a{args.alpha:g}-{args.obs}-s{args.seed}",
                     ("env", "reward", "alpha", "obs", "seed"))
-    run_dir, tb_dir = runs_dir() / "fqi" / name, runs_dir() / "tb" / "fqi" / name
-    check_writable(run_dir)
-    check_writable(tb_dir)
+    run_dir, tb_dir = run_folders("fqi", name)
     caches = caches or make_caches(args)
     with torch_threads(args.torch_threads):
         torch.manual_seed(args.seed)

@@ -30,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.runtime import DataArgs, check_inputs, policy_record, run_name, torch_threads
+from agents.runtime import DataArgs, check_inputs, policy_record, run_folders, run_name, torch_threads
 from backbones.cli import parse, user_errors
-from backbones.files import check_writable, claim, write_json
+from backbones.files import claim, write_json
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from agents.rl.losses import reinforce_loss
@@ -155,10 +155,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     cee_env.env_task(args.env)  # registers cee/<Task>-v0 of a user-defined task
     name = run_name(args, f"{args.env.split('/')[-1]}-{args.reward}-a{args.alpha:g}-s{args.seed}",
                     ("env", "reward", "alpha", "seed"))
-    run_dir = Path(args.out) if args.out else runs_dir() / "reinforce" / name
-    tb_dir = runs_dir() / "tb" / "reinforce" / name
-    check_writable(run_dir)
-    check_writable(tb_dir)
+    run_dir, tb_dir = run_folders("reinforce", name, args.out)
     caches = caches or make_caches(args)
     with torch_threads(args.torch_threads):
         return _train(args, caches, name, run_dir, tb_dir)

@@ -92,6 +92,20 @@ def run_name(args, base: str, shown: tuple[str, ...]) -> str:
     return f"{base}-{hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
 
 
+def run_folders(kind: str, name: str, out: str | None = None):
+    """A learner's run folder (``out``, else runs/<kind>/<name>) and TensorBoard folder (runs/tb/<kind>/<name>),
+    both checked writable before any work starts."""
+    from pathlib import Path
+
+    from backbones.files import check_writable
+    from backbones.paths import runs_dir
+
+    run_dir, tb_dir = Path(out) if out else runs_dir() / kind / name, runs_dir() / "tb" / kind / name
+    check_writable(run_dir)
+    check_writable(tb_dir)
+    return run_dir, tb_dir
+
+
 def check_inputs(args, *out_dirs) -> None:
     """The files and folders a command names, checked before any work starts: ``--task-file`` and
     ``--test-file`` exist, ``--checkpoint`` is a stage-1 checkpoint, ``--data-dir`` exists, and every folder of

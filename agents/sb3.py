@@ -42,13 +42,12 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.runtime import DataArgs, check_inputs, policy_record, run_name, thin
-from backbones.files import check_writable, write_json
+from agents.runtime import DataArgs, check_inputs, policy_record, run_folders, run_name, thin
+from backbones.files import write_json
 from agents.evaluate import evaluate
 from agents.policies import ExitPolicy, OracleExit, StaticExit
 from agents.reinforce import log_eval, make_caches, print_summary, register_task_file
 from backbones.cli import parse, user_errors
-from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
 from cee_env.env import EXIT, EarlyExitEnv, check_env_args
 from cee_env.observations import obs_size, observe, uses_states
@@ -392,9 +391,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         args = replace(args, total_timesteps=DEFAULT_TIMESTEPS[args.algo])
     if args.total_timesteps < 1 or args.n_envs < 1:
         raise ValueError("--total-timesteps and --n-envs must be >= 1")
-    run_dir, tb_dir = runs_dir() / "sb3" / name, runs_dir() / "tb" / "sb3" / name
-    check_writable(run_dir)
-    check_writable(tb_dir)
+    run_dir, tb_dir = run_folders("sb3", name)
     caches = caches or make_caches(args)
     train_cache, dev_cache = caches["train"], caches.get("dev")
     L = train_cache.num_layers

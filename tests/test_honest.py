@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from conftest import TINY_TASK, TINY_TRAIN
+from test_faults import edit_tensors, one_line_exit
 
 import agents.calibrate as C
 from agents.fqi import Args as FArgs
@@ -24,15 +25,6 @@ from cee_env import make_synthetic_cache
 from cee_env.cache import calib_half, get_cache, take_rows
 
 SYN = "cee/Synthetic-v0"
-
-
-def one_line_exit(main, argv, capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture()
@@ -91,7 +83,7 @@ def test_a_policy_without_a_record_of_its_rows_is_refused(calib, tmp_runs, capsy
 
 
 # --------------------------------------------------------------------------- 2. a calibration for its policy only
-def test_a_calibration_is_not_applied_to_a_policy_trained_again(calib, tmp_runs, capsys):
+def test_a_calibration_is_not_applied_to_a_policy_trained_again(calib, tmp_runs):
     args = dict(env=SYN, epochs=2, quiet=True, run_name="same")
     run = rtrain(RArgs(**args), syn_caches(calib, "calib-a"))["run_dir"]
     rec = C.main(["--run", str(run), "--epsilon", "0.1", "--delta", "0.2"])
@@ -132,7 +124,6 @@ def tiny_run(ckpt, tmp_runs):
 def test_a_policy_refuses_another_task_label_set_or_checkpoint(tiny_run, ckpt, tiny_rte_files, tmp_path, capsys):
     from agents.inference.early_exit_model import check_policy_fits
     from agents.predict import main
-    from test_faults import edit_tensors
 
     meta = json.loads((tiny_run / "policy.json").read_text())
     assert meta["task"] == TINY_TASK and meta["label_names"] == ["neg", "pos"] and meta["num_layers"] == 2

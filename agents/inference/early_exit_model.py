@@ -370,7 +370,7 @@ def load_policy(run: Path, threshold: float | None = None, trust_pickle: bool = 
     if threshold is None and cal_file.is_file():
         again = f"calibrate it again (python -m agents.calibrate --run {run}) or delete {cal_file}"
         cal = read_json(cal_file, again)
-        if cal.get("policy_sha256") != meta.get("sha256"):
+        if not cal.get("policy_sha256") or cal["policy_sha256"] != meta.get("sha256"):
             raise IntegrityError(f"{cal_file} was not made for the policy now in {run} (trained again since, or an "
                                  f"older calibration); {again}")
         threshold = check_threshold(cal.get("threshold"), str(cal_file))
