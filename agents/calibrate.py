@@ -194,6 +194,24 @@ def knob_value(rule: str, threshold: float) -> str:
     return f"{rule}:{threshold:.6g}"
 
 
+def check_unseen(run, learned: dict, learned_cache: LayerCache, cal_cache: LayerCache) -> None:
+    """Refuse to calibrate a policy on rows it learned on: ``learned_cache`` must still hold the rows the policy
+    recorded (``learned["rows_sha256"]``), and none of them may be among the calibration rows."""
+    from cee_env.cache import row_ids, rows_sha256
+
+    if rows_sha256(learned_cache) != learned["rows_sha256"]:
+        raise UserError(f"the {learned['split']} rows of {learned_cache.task} are no longer the ones {run} learned on "
+                        "(the data or the checkpoint changed since); train the policy again")
+    (src, rows), (cal_src, cal_rows) = row_ids(learned_cache), row_ids(cal_cache)
+    shared = int(np.isin(cal_rows, rows).sum()) if src == cal_src else 0
+    if shared:
+        cal = cal_cache.split if cal_cache.split in ("calib-a", "calib-b") else "calib-b"
+        fit = "calib-a" if cal == "calib-b" else "calib-b"
+        raise UserError(f"{run} learned on {learned['split']}; calibrating on {cal_cache.split} would reuse those rows "
+                        f"({shared} of its {len(cal_rows)}): train it with --train-split {fit}, then calibrate it on "
+                        f"{cal} (--cal-split {cal})")
+
+
 # --------------------------------------------------------------------------- command
 @dataclass
 class Args:
@@ -233,6 +251,7 @@ def calibration_cache(task: str, split: str, checkpoint, protocol, data_dir) -> 
 
 def calibrate(args: Args) -> dict:
     """Run Learn-then-Test for one rule; write and return the calibration record."""
+    from agents.runtime import check_inputs
     from backbones.files import resolve_stored, write_json
     from backbones.paths import runs_dir
 
@@ -248,35 +267,42 @@ def calibrate(args: Args) -> dict:
     if args.rule == "policy":
         if not args.run:
             raise UserError("--rule policy needs --run DIR (a trained policy run)")
-        from agents.inference.early_exit_model import load_policy
+        from agents.inference.early_exit_model import check_policy_fits, load_policy
 
-        policy, meta = load_policy(Path(args.run), trust_pickle=args.trust_pickle)
-        task = task or meta.get("task")
+        policy, meta = load_policy(Path(args.run), threshold=0.5, trust_pickle=args.trust_pickle)  # scores only
+        learned = meta.get("learned_on") or {}
+        if not learned.get("rows_sha256"):
+            raise UserError(f"{args.run} records no hash of the rows it learned on (an older or co-trained run), so "
+                            "calibration rows it never saw cannot be told apart; train it again (e.g. with "
+                            "--train-split calib-a, then calibrate it on calib-b)")
         if checkpoint is None and meta.get("checkpoint"):
             checkpoint = str(resolve_stored(meta["checkpoint"]))
-        learned_on = meta.get("train_split", "train")
-        split = args.cal_split or {"calib-a": "calib-b", "calib-b": "calib-a", "train": "calib"}.get(learned_on)
+        check_policy_fits(args.run, meta, task=task, checkpoint=checkpoint)
+        task = meta["task"]
+        split = args.cal_split or {"calib-a": "calib-b", "calib-b": "calib-a", "train": "calib"}.get(learned["split"])
         if split is None:
             raise UserError(f"{args.run} learned on all of calib, so no calib rows are left that it never saw; "
                             "train it with --train-split calib-a (it is then calibrated on calib-b)")
-        if split == learned_on or (learned_on == "calib" and split.startswith("calib")) or (
-                learned_on.startswith("calib-") and split == "calib"):
-            raise UserError(f"the policy learned on {learned_on}; calibrating on {split} would reuse those rows")
     else:
         if not task:
             raise UserError(f"--rule {args.rule} needs --task (or --task-file)")
         split = args.cal_split or "calib"
-    if not task:
-        raise UserError(f"{args.run}: its policy.json names no task; pass --task")
-    cache = calibration_cache(task, split, checkpoint, args.protocol, args.data_dir)
-    score, grid = rule_scores(args.rule, cache, policy)
-    cal = learn_then_test([score], [grid], cache, args.risk, args.epsilon, args.delta)
-    record = {**cal.to_dict(), "rule": args.rule, "task": task, "cal_split": split,
-              "checkpoint": cache.meta.get("checkpoint"), "run": args.run}
-    if cal.threshold is not None and args.rule != "policy":
-        record["predict_rule"] = knob_value(args.rule, cal.threshold)
     out = Path(args.out) if args.out else (Path(args.run) if args.run else
                                            runs_dir() / "calibrate" / f"{task}-{args.rule}-{args.risk}-e{args.epsilon:g}-d{args.delta:g}")
+    check_inputs(args, out)
+    cache = calibration_cache(task, split, checkpoint, args.protocol, args.data_dir)
+    if args.rule == "policy":
+        learned_cache = calibration_cache(task, learned["split"], checkpoint, args.protocol, args.data_dir)
+        check_unseen(args.run, learned, learned_cache, cache)
+    score, grid = rule_scores(args.rule, cache, policy)
+    cal = learn_then_test([score], [grid], cache, args.risk, args.epsilon, args.delta)
+    if args.rule == "policy" and cal.threshold is not None:
+        cal.threshold = min(cal.threshold, 1.0)  # "never exit early" (+inf): pi(exit) never exceeds 1
+    record = {**cal.to_dict(), "rule": args.rule, "task": task, "cal_split": split,
+              "checkpoint": cache.meta.get("checkpoint"), "run": args.run,
+              "policy_sha256": meta.get("sha256")}  # the policy files it was made for (checked where it is used)
+    if cal.threshold is not None and args.rule != "policy":
+        record["predict_rule"] = "full" if math.isinf(cal.threshold) else knob_value(args.rule, cal.threshold)
     if cal.threshold is None:
         raise UserError(
             f"no {args.rule} threshold keeps {args.risk} <= {args.epsilon:g} with probability {1 - args.delta:g} on "

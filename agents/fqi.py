@@ -36,11 +36,11 @@ import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents.evaluate import evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from agents.reinforce import log_eval, make_caches, print_summary, register_task_file
-from agents.runtime import DataArgs, torch_threads
+from agents.runtime import DataArgs, check_inputs, policy_record, run_folders, run_name, torch_threads
 from backbones.cli import parse, user_errors
 from backbones.files import write_json
-from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
+from cee_env.env import check_env_args
 
 
 @dataclass
@@ -66,7 +66,8 @@ class Args(DataArgs):
     seed: int = 0
     """random seed"""
     run_name: str | None = None
-    """run folder name under runs/fqi (default from env, reward, alpha, obs, seed)"""
+    """run folder name under runs/fqi (default: env, reward, alpha, obs, seed, then a short hash of the other
+    settings that change the policy when any differs from its default)"""
     torch_threads: int = 1
     """torch threads while fitting (the networks are small)"""
     quiet: bool = False
@@ -174,14 +175,15 @@ def as_policy(nets: list[LayerQ], features: str, tau: float) -> LayerMLPPolicy:
 
 def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     """Fit the exit rule; returns {"policy": LearnedExit, "results": {...}, "run_dir": Path}."""
-    if args.reward not in cee_env.REWARDS:
-        raise ValueError(f"--reward must be one of {cee_env.REWARDS}; got {args.reward!r}")
+    check_env_args(args.reward, args.alpha, args.obs, flag="--")
     if not (args.tau > 0 and np.isfinite(args.tau)) or args.epochs < 1 or args.hidden < 1:
         raise ValueError("--tau must be a finite number > 0, --epochs and --hidden >= 1")
-    if not np.isfinite(args.alpha) or args.alpha < 0:
-        raise ValueError(f"--alpha must be a finite number >= 0; got {args.alpha}")
+    check_inputs(args)
     register_task_file(args)
     cee_env.env_task(args.env)
+    name = run_name(args, f"{args.env.split('/')[-1]}-{args.reward}-a{args.alpha:g}-{args.obs}-s{args.seed}",
+                    ("env", "reward", "alpha", "obs", "seed"))
+    run_dir, tb_dir = run_folders("fqi", name)
     caches = caches or make_caches(args)
     with torch_threads(args.torch_threads):
         torch.manual_seed(args.seed)
@@ -196,12 +198,11 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         nets, _ = fit_q(obs, rew, args)
         policy = LearnedExit(as_policy(nets, args.obs, args.tau), name="fqi")
         seconds = time.time() - t0
-    name = args.run_name or f"{args.env.split('/')[-1]}-{args.reward}-a{args.alpha:g}-{args.obs}-s{args.seed}"
-    run_dir = runs_dir() / "fqi" / name
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(runs_dir() / "tb" / "fqi" / name))
-    results = {"args": asdict(args), "train_seconds": round(seconds, 1), "episodes": int(n * L),
+    writer = SummaryWriter(str(tb_dir))
+    results = {"args": asdict(args), "train_split": train_cache.split, "train_instances": n,
+               "train_seconds": round(seconds, 1), "episodes": int(n * L),
                "env_steps": int(n * L * (L + 1) // 2), "mean_exit_reward_by_layer": rew.mean(0).tolist()}
     for split, cache in caches.items():
         if split == "train" or not cache.has_labels:
@@ -210,8 +211,8 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         log_eval(writer, split, rows[1], 0)
         results[split] = {r.policy: r.to_dict() for r in rows}
     writer.close()
-    policy.net.save(run_dir, extra={"task": train_cache.task, "checkpoint": train_cache.meta.get("checkpoint"),
-                                    "env": args.env, "reward": args.reward, "alpha": args.alpha, "algo": "fqi"})
+    policy.net.save(run_dir, extra=policy_record(train_cache, env=args.env, reward=args.reward, alpha=args.alpha,
+                                                 obs=args.obs, algo="fqi"))
     write_json(run_dir / "results.json", results)
     if not args.quiet:
         print_summary(results, Path(run_dir))

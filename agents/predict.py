@@ -158,6 +158,10 @@ def check_args(a: PredictArgs) -> None:
             raise UserError(f"{flag} not found: {path}")
     if a.input and not Path(a.input).is_file():
         raise UserError(f"input file not found: {a.input}")
+    if a.out:
+        from backbones.files import check_writable
+
+        check_writable(Path(a.out).parent)
 
 
 def _load_inputs(a: PredictArgs) -> tuple[list[str], list[str] | None, np.ndarray | None, object]:
@@ -171,6 +175,18 @@ def _load_inputs(a: PredictArgs) -> tuple[list[str], list[str] | None, np.ndarra
         labels = np.asarray(ds["label"], dtype=np.int64)
         return list(ds["text_a"]), list(ds["text_b"]), (labels if (labels >= 0).all() else None), spec
     return (*read_texts(a.input), None, None)
+
+
+def check_task(spec, clf, run: str | None) -> None:
+    """Refuse to classify a task with a policy made for another task or label set, or a backbone made for another
+    label set."""
+    if run:
+        from agents.inference.early_exit_model import check_policy_fits
+
+        check_policy_fits(run, clf.meta, task=spec.name, label_names=spec.label_names)
+    if tuple(spec.label_names) != clf.label_names:
+        raise UserError(f"the backbone {clf.checkpoint} was trained with the labels {list(clf.label_names)}, not "
+                        f"{spec.name}'s {list(spec.label_names)}; pass a checkpoint trained for {spec.name}")
 
 
 @user_errors
@@ -190,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                                            trust_pickle=a.trust_pickle)
     else:
         clf = EarlyExitClassifier.from_checkpoint(a.checkpoint, policy)
+    if spec is not None:
+        check_task(spec, clf, a.run)
     t0 = time.perf_counter()
     res = clf.predict(texts, texts_b, batch_size=a.batch_size, sort_by_length=a.sort_by_length)
     dt = time.perf_counter() - t0

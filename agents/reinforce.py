@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.runtime import DataArgs, torch_threads
+from agents.runtime import DataArgs, check_inputs, policy_record, run_folders, run_name, torch_threads
 from backbones.cli import parse, user_errors
 from backbones.files import claim, write_json
 from agents.evaluate import EvalResult, evaluate
@@ -38,6 +38,7 @@ from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from agents.rl.losses import reinforce_loss
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
+from cee_env.env import check_env_args
 
 
 @dataclass
@@ -76,7 +77,8 @@ class Args(DataArgs):
     seed: int = 0
     """random seed"""
     run_name: str | None = None
-    """name of the run folder under runs/reinforce and runs/tb (default from env, reward, alpha, seed)"""
+    """name of the run folder under runs/reinforce and runs/tb (default: env, reward, alpha, seed, then a short hash
+    of the other settings that change the policy when any differs from its default)"""
     out: str | None = None
     """folder for the policy and results.json (default runs/reinforce/<run_name>)"""
     init_policy: str | None = None
@@ -123,13 +125,11 @@ def check_args(args: Args) -> None:
     """Flag values a run cannot use, named (one-line errors at the command line)."""
     from backbones.cli import UserError
 
-    if args.reward not in cee_env.REWARDS:
-        raise UserError(f"--reward must be one of {', '.join(cee_env.REWARDS)}; got {args.reward!r}")
+    check_env_args(args.reward, args.alpha, args.obs, flag="--")
     if args.exploration not in ("sample", "greedy"):
         raise UserError(f"--exploration must be sample or greedy; got {args.exploration!r}")
-    for flag, v in (("--alpha", args.alpha), ("--lr", args.lr)):
-        if not np.isfinite(v) or v < 0 or (flag == "--lr" and v == 0):
-            raise UserError(f"{flag} must be a finite number {'> 0' if flag == '--lr' else '>= 0'}; got {v}")
+    if not (np.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0; got {args.lr}")
     if args.k < 2:
         raise UserError(f"--k must be >= 2 (the baseline is the mean of an instance's K returns; with K=1 every "
                         f"advantage is 0 and nothing is learned); got {args.k}")
@@ -151,14 +151,18 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     policy's training runs with ``args.torch_threads``.
     """
     check_args(args)
+    check_inputs(args)
     register_task_file(args)
     cee_env.env_task(args.env)  # registers cee/<Task>-v0 of a user-defined task
+    name = run_name(args, f"{args.env.split('/')[-1]}-{args.reward}-a{args.alpha:g}-s{args.seed}",
+                    ("env", "reward", "alpha", "seed"))
+    run_dir, tb_dir = run_folders("reinforce", name, args.out)
     caches = caches or make_caches(args)
     with torch_threads(args.torch_threads):
-        return _train(args, caches)
+        return _train(args, caches, name, run_dir, tb_dir)
 
 
-def _train(args: Args, caches: dict[str, LayerCache]) -> dict:
+def _train(args: Args, caches: dict[str, LayerCache], name: str, run_dir: Path, tb_dir: Path) -> dict:
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)  # after the caches: building one initialises a model and draws from torch's RNG
     train_cache, dev_cache = caches["train"], caches["dev"]
@@ -174,11 +178,9 @@ def _train(args: Args, caches: dict[str, LayerCache]) -> dict:
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     policy = LearnedExit(net)
 
-    name = args.run_name or f"{args.env.split('/')[-1]}-{args.reward}-a{args.alpha:g}-s{args.seed}"
-    run_dir = Path(args.out) if args.out else runs_dir() / "reinforce" / name
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(runs_dir() / "tb" / "reinforce" / name))
+    writer = SummaryWriter(str(tb_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     updates_per_epoch = int(np.ceil(n / args.batch_size))
@@ -199,7 +201,7 @@ def _train(args: Args, caches: dict[str, LayerCache]) -> dict:
             obs, info = envs.reset(options={"indices": np.repeat(ids, args.k)})
             alive = np.ones(nenv, dtype=bool)
             returns = np.zeros(nenv)
-            obs_t, layer_t, act_t, alive_t = [], [], [], []
+            obs_t, layer_t, act_t, alive_t, decide_t = [], [], [], [], []
             while alive.any():
                 s = torch.as_tensor(obs)
                 layer = torch.as_tensor(info["layer"] - 1)
@@ -209,15 +211,17 @@ def _train(args: Args, caches: dict[str, LayerCache]) -> dict:
                 explore = rng.random(nenv) < eps
                 a = np.where(explore, rng.random(nenv) < 0.5, a).astype(np.int64)
                 obs_t.append(s), layer_t.append(layer), act_t.append(a), alive_t.append(alive.copy())
+                decide_t.append(alive & (info["layer"] < L))  # the exit at layer L is forced: not a decision
                 obs, r, term, trunc, info = envs.step(a)
                 returns[alive] = r[alive]
                 alive &= ~(term | trunc)
-            # Recompute log pi(tau) with gradients (Eq 5).
+            # Recompute log pi(tau) with gradients (Eq 5), over the decisions taken (layers 1..L-1).
             T = len(obs_t)
             logits = net.logits(torch.cat(obs_t), torch.cat(layer_t)).view(T, nenv)
             acts = torch.as_tensor(np.stack(act_t), dtype=torch.float32)
             alv = torch.as_tensor(np.stack(alive_t), dtype=torch.float32)
-            loss = reinforce_loss(logits, acts, alv, torch.as_tensor(returns, dtype=torch.float32), args.k)
+            decided = torch.as_tensor(np.stack(decide_t), dtype=torch.float32)
+            loss = reinforce_loss(logits, acts, decided, torch.as_tensor(returns, dtype=torch.float32), args.k)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -256,9 +260,8 @@ def _train(args: Args, caches: dict[str, LayerCache]) -> dict:
         results[split] = {r.policy: r.to_dict() for r in rows}
     writer.close()
     with claim(run_dir, f"the run folder {run_dir}"):
-        net.save(run_dir, extra={"task": train_cache.task, "checkpoint": train_cache.meta.get("checkpoint"),
-                                 "env": args.env, "reward": args.reward, "alpha": args.alpha, "obs": args.obs,
-                                 "train_split": train_cache.split})
+        net.save(run_dir, extra=policy_record(train_cache, env=args.env, reward=args.reward, alpha=args.alpha,
+                                              obs=args.obs))
         write_json(run_dir / "results.json", results)
     if not args.quiet:
         print_summary(results, run_dir)

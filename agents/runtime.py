@@ -1,4 +1,5 @@
-"""Small helpers shared by the agents' entry points: thinning and averaging curves, thread counts."""
+"""Small helpers shared by the agents' entry points: thinning and averaging curves, thread counts, run folder
+names, input checks and what a saved policy records."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -66,3 +67,82 @@ class DataArgs:
     """data directory (default $CEE_DATA_DIR or ../shared/data)"""
     test_file: str | None = None
     """a labelled test file of the task's format, reported next to dev (never learned from)"""
+
+
+# --------------------------------------------------------------------------- run folders, inputs, policy records
+NOT_POLICY = ("run_name", "out", "quiet", "torch_threads", "eval_every", "test_file", "device")
+"""Settings of a learner that do not change the policy it trains (where it writes, what it only reports on)."""
+
+
+def run_name(args, base: str, shown: tuple[str, ...]) -> str:
+    """A learner's run folder name: ``args.run_name``, else ``base`` (spelling out the settings ``shown``,
+    e.g. env, reward, alpha and seed) followed, when any other setting that changes the policy differs from its
+    default, by a short hash of those settings; so runs with different settings never share a folder (and a
+    calibration made for one policy is never found beside another)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    if args.run_name:
+        return args.run_name
+    changed = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+               if f.name not in shown + NOT_POLICY and getattr(args, f.name) != f.default}
+    if not changed:
+        return base
+    return f"{base}-{hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
+
+
+def run_folders(kind: str, name: str, out: str | None = None):
+    """A learner's run folder (``out``, else runs/<kind>/<name>) and TensorBoard folder (runs/tb/<kind>/<name>),
+    both checked writable before any work starts."""
+    from pathlib import Path
+
+    from backbones.files import check_writable
+    from backbones.paths import runs_dir
+
+    run_dir, tb_dir = Path(out) if out else runs_dir() / kind / name, runs_dir() / "tb" / kind / name
+    check_writable(run_dir)
+    check_writable(tb_dir)
+    return run_dir, tb_dir
+
+
+def check_inputs(args, *out_dirs) -> None:
+    """The files and folders a command names, checked before any work starts: ``--task-file`` and
+    ``--test-file`` exist, ``--checkpoint`` is a stage-1 checkpoint, ``--data-dir`` exists, and every folder of
+    ``out_dirs`` can be written (:class:`backbones.files.WriteError` naming it otherwise)."""
+    from pathlib import Path
+
+    from backbones.cli import UserError
+    from backbones.files import check_writable
+    from backbones.multiexit import WEIGHTS_NAME
+
+    for flag, path, is_dir in (("--task-file", getattr(args, "task_file", None), False),
+                               ("--test-file", getattr(args, "test_file", None), False),
+                               ("--data-dir", getattr(args, "data_dir", None), True),
+                               ("--checkpoint", getattr(args, "checkpoint", None), True)):
+        if path and not (Path(path).is_dir() if is_dir else Path(path).is_file()):
+            raise UserError(f"{flag} {path}: no such {'folder' if is_dir else 'file'}")
+    ckpt = getattr(args, "checkpoint", None)
+    if ckpt and not (Path(ckpt) / WEIGHTS_NAME).is_file():
+        raise UserError(f"--checkpoint {ckpt} is not a stage-1 checkpoint ({WEIGHTS_NAME} is missing)")
+    for d in out_dirs:
+        check_writable(d)
+
+
+def policy_record(train, **settings) -> dict:
+    """What a saved policy records about what it was made from, checked by agents.calibrate and agents.predict:
+    its task, label names and layers, the backbone checkpoint and the sha256 of its weights, and the split and
+    data rows (:func:`cee_env.cache.rows_sha256`) it learned on; then ``settings`` (env, reward, alpha, ...)."""
+    from backbones.files import resolve_stored
+    from cee_env.cache import rows_sha256
+
+    ckpt = train.meta.get("checkpoint")
+    sha = None
+    if ckpt:
+        from backbones.multiexit import weights_sha256
+
+        sha = weights_sha256(resolve_stored(ckpt))
+    return {"task": train.task, "label_names": list(train.label_names), "num_layers": train.num_layers,
+            "checkpoint": ckpt, "checkpoint_sha256": sha, "train_split": train.split,
+            "learned_on": {"split": train.split, "rows_sha256": rows_sha256(train), "n": train.num_instances},
+            **settings}

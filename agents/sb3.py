@@ -42,15 +42,14 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
-from agents.runtime import DataArgs, thin
+from agents.runtime import DataArgs, check_inputs, policy_record, run_folders, run_name, thin
 from backbones.files import write_json
 from agents.evaluate import evaluate
 from agents.policies import ExitPolicy, OracleExit, StaticExit
 from agents.reinforce import log_eval, make_caches, print_summary, register_task_file
 from backbones.cli import parse, user_errors
-from backbones.paths import runs_dir
 from cee_env.cache import LayerCache
-from cee_env.env import EXIT, EarlyExitEnv
+from cee_env.env import EXIT, EarlyExitEnv, check_env_args
 from cee_env.observations import obs_size, observe, uses_states
 
 ALGOS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
@@ -101,7 +100,8 @@ class Args(DataArgs):
     torch_threads: int = 1
     """torch intra-op threads while training (small MLPs run fastest on one)"""
     run_name: str | None = None
-    """name of the run folder under runs/sb3 and runs/tb/sb3 (default from env, algo, reward, alpha, seed)"""
+    """name of the run folder under runs/sb3 and runs/tb/sb3 (default: env, algo, reward, alpha, seed, then a short
+    hash of the other settings that change the policy when any differs from its default)"""
     quiet: bool = False
     """no progress bar or final table"""
 
@@ -372,31 +372,29 @@ def make_train_env(args: Args, cache: LayerCache):
     return vn
 
 
-def run_name(args: Args) -> str:
-    return args.run_name or f"{args.env.split('/')[-1]}-{args.algo}-{args.reward}-a{args.alpha:g}-s{args.seed}"
+def sb3_run_name(args: Args) -> str:
+    return run_name(args, f"{args.env.split('/')[-1]}-{args.algo}-{args.reward}-a{args.alpha:g}-s{args.seed}",
+                    ("env", "algo", "reward", "alpha", "seed"))
 
 
 def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     """Train an SB3 agent; returns {"policy": SB3Exit, "model", "results": {...}, "run_dir": Path}."""
     if args.algo not in ALGOS:
         raise ValueError(f"--algo must be one of {tuple(ALGOS)}; got {args.algo!r}")
-    if args.reward not in cee_env.REWARDS:
-        raise ValueError(f"--reward must be one of {cee_env.REWARDS}; got {args.reward!r}")
+    check_env_args(args.reward, args.alpha, args.obs, args.obs_bound, flag="--")
     if args.normalize not in NORMALIZE:
         raise ValueError(f"--normalize must be one of {NORMALIZE}; got {args.normalize!r}")
+    check_inputs(args)
+    register_task_file(args)
+    name = sb3_run_name(args)  # before the default steps are filled in: defaults add no hash
     if args.total_timesteps is None:
         args = replace(args, total_timesteps=DEFAULT_TIMESTEPS[args.algo])
     if args.total_timesteps < 1 or args.n_envs < 1:
         raise ValueError("--total-timesteps and --n-envs must be >= 1")
-    if not np.isfinite(args.alpha) or args.alpha < 0:
-        raise ValueError(f"--alpha must be a finite number >= 0; got {args.alpha}")
-    register_task_file(args)
+    run_dir, tb_dir = run_folders("sb3", name)
     caches = caches or make_caches(args)
     train_cache, dev_cache = caches["train"], caches.get("dev")
     L = train_cache.num_layers
-    name = run_name(args)
-    run_dir = runs_dir() / "sb3" / name
-    tb_dir = runs_dir() / "tb" / "sb3" / name
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, args.torch_threads))
@@ -417,7 +415,8 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         policy = make_policy()
         venv.close()
 
-        results = {"args": asdict(args), "algo": args.algo, "train_seconds": round(seconds, 1),
+        results = {"args": asdict(args), "algo": args.algo, "train_split": train_cache.split,
+                   "train_instances": train_cache.num_instances, "train_seconds": round(seconds, 1),
                    "env_steps": int(model.num_timesteps), "episodes": cb.episodes, "reward_curve": thin(cb.curve)}
         for split, cache in caches.items():
             if split == "train" or not cache.has_labels:
@@ -428,8 +427,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         writer.close()
     finally:
         torch.set_num_threads(threads)
-    policy.save(run_dir, extra={"task": train_cache.task, "checkpoint": train_cache.meta.get("checkpoint"),
-                                "env": args.env, "reward": args.reward, "alpha": args.alpha})
+    policy.save(run_dir, extra=policy_record(train_cache, env=args.env, reward=args.reward, alpha=args.alpha))
     write_json(run_dir / "results.json", results)
     if not args.quiet:
         print_summary(results, run_dir)

@@ -12,9 +12,9 @@ from the string literal under each field. ``bool`` fields get ``--flag`` / ``--n
 message and exit code 2.
 
 :func:`user_errors` wraps a ``main``: a mistake the user can fix (``ValueError`` and its
-subclasses such as :class:`UserError` and ``backbones.tasks.TaskError``, or
-``FileNotFoundError``) ends the command with one line ``error: <message>`` on stderr and
-exit code 2. With ``CEE_DEBUG=1`` in the environment it is raised with its traceback.
+subclasses such as :class:`UserError` and ``backbones.tasks.TaskError``,
+``FileNotFoundError``, or a failed write: :class:`backbones.files.WriteError`) ends the
+command with one line ``error: <message>`` on stderr and exit code 2. With ``CEE_DEBUG=1`` in the environment it is raised with its traceback.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import sys
 from typing import Annotated, Callable, TypeVar
 
 import tyro
+
+from backbones.files import WriteError
 
 __all__ = ["UserError", "USER_ERRORS", "Repeatable", "parse", "user_errors"]
 
@@ -38,8 +40,8 @@ class UserError(ValueError):
     """A mistake on the command line the user can fix (a flag out of range, flags that exclude each other)."""
 
 
-USER_ERRORS = (ValueError, FileNotFoundError)
-"""What :func:`user_errors` reports as one line: bad values, unknown names, missing files."""
+USER_ERRORS = (ValueError, FileNotFoundError, WriteError)
+"""What :func:`user_errors` reports as one line: bad values, unknown names, missing files, failed writes."""
 
 
 def parse(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:

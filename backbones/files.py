@@ -12,6 +12,7 @@ and a process writing a folder others may want too holds :func:`claim` on it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +26,42 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 
+class WriteError(OSError):
+    """A file or folder could not be written (disk full, read-only folder, no permission). Commands wrapped in
+    :func:`backbones.cli.user_errors` end with its one line naming the path."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+@contextmanager
+def write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into a :class:`WriteError` naming it."""
+    try:
+        yield
+    except (WriteError, TimeoutError):  # (a lock held by another process is no write failure)
+        raise
+    except OSError as e:
+        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, e.strerror or type(e).__name__)
+        raise WriteError(e.errno, f"cannot write {path}: {why}; free space, fix the folder's permissions or "
+                                  "write elsewhere (--out)") from e
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Check, before any work starts and without creating anything, that ``folder`` can be written (or created):
+    its nearest existing ancestor must be a writable folder; a :class:`WriteError` naming it otherwise."""
+    folder = Path(folder).absolute()
+    have = next(p for p in (folder, *folder.parents) if p.exists())
+    if not have.is_dir():
+        raise WriteError(errno.ENOTDIR, f"cannot write {folder}: {have} is a file, not a folder; write elsewhere (--out)")
+    if not os.access(have, os.W_OK | os.X_OK):
+        raise WriteError(errno.EACCES, f"cannot write {folder}: {have} is read-only or not ours; fix its permissions "
+                                       "or write elsewhere (--out)")
+    return folder
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a unique temporary path beside ``path``; on success rename it to ``path``.
@@ -33,13 +70,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with write_errors(path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -50,12 +89,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a unique temporary folder beside ``path``; on success it replaces ``path`` (an old folder there
     is removed first). On an exception the temporary folder is removed and ``path`` is left untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with write_errors(path):
+            yield tmp
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -239,10 +280,11 @@ def claim(folder: str | os.PathLike, what: str = "") -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder.parent / f".{folder.name}.lock"), thread_local=False)
     try:
-        lock.acquire(timeout=0)
+        with write_errors(lock.lock_file):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire(timeout=0)
     except Timeout:
         print(f"waiting for another process that is writing {what or folder} (lock {lock.lock_file}) ...",
               file=sys.stderr, flush=True)

@@ -33,6 +33,7 @@ is read or written.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -44,6 +45,7 @@ HOLDOUT = 0.3  # fraction of train held out for calib (holdout protocol)
 FOLDS = 3  # folds of the crossfit protocol
 CALIB_ROWS = 4000  # at most this many spare rows become calib rows
 MIN_SPARE = 1000  # spare rows needed before a task takes its calib rows from them instead of holding out
+MIN_CALIB_ROWS = 10  # fewest held-out (calib) rows a partition may leave: each calib half (calib-a/-b) gets 5
 DEFAULT_PROTOCOL: dict[str, str] = {}  # per task; tasks not listed use "holdout"
 
 
@@ -162,13 +164,28 @@ def _split(labels: np.ndarray, sizes: np.ndarray | None, seed: int, max_train_sa
            folds: int, fold: int) -> Partition:
     """:func:`partition` over units (rows, or text groups of ``sizes`` rows each, ``labels`` one per unit)."""
     pool, spare = subset_rows(len(labels), max_train_samples, seed, sizes)
+    if len(np.unique(labels[pool])) < 2:
+        raise ValueError(f"the training rows ({len(pool)}) hold a single class, {labels[pool][:1].tolist()}; "
+                         "a classifier needs rows of at least 2 classes")
+    held = math.ceil(holdout * len(pool)) if holdout else len(pool) // folds if folds else len(spare)
+    if (holdout or folds) and held < MIN_CALIB_ROWS:
+        need = math.ceil(MIN_CALIB_ROWS / holdout) if holdout else MIN_CALIB_ROWS * folds
+        raise ValueError(f"{len(pool)} training rows are too few to hold out calib rows: at least {MIN_CALIB_ROWS} "
+                         f"must be held out, so this needs at least {need} rows "
+                         f"({'--holdout ' + format(holdout, 'g') if holdout else str(folds) + ' folds'})")
     if folds:
         f = fold_ids(labels[pool], folds, seed)
-        return Partition(fit=pool[f != fold], held_out=pool[f == fold])
-    if holdout:
+        part = Partition(fit=pool[f != fold], held_out=pool[f == fold])
+    elif holdout:
         m = holdout_mask(labels[pool], holdout, seed)
-        return Partition(fit=pool[~m], held_out=pool[m])
-    return Partition(fit=pool, held_out=spare)
+        part = Partition(fit=pool[~m], held_out=pool[m])
+    else:
+        part = Partition(fit=pool, held_out=spare)
+    for side, rows in (("fit", part.fit), ("held-out (calib)", part.held_out)):
+        if (len(rows) or side == "fit") and len(np.unique(labels[rows])) < 2:
+            raise ValueError(f"the {side} rows hold a single class: add rows of the other classes (each class "
+                             "needs rows on both sides of the split)")
+    return part
 
 
 def _rows_of(group: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -192,8 +192,12 @@ def is_complete(ckpt: Path) -> bool:
 
 def fit_partition(c: TrainConfig, train_ds) -> Partition:
     """The rows of the train split this configuration fits (and the rows it never sees)."""
-    return partition(np.asarray(train_ds["label"]), seed=c.seed, max_train_samples=c.max_train_samples,
-                     holdout=c.holdout, folds=c.folds, fold=c.fold, texts=T.get_task(c.task).partition_texts(train_ds))
+    try:
+        return partition(np.asarray(train_ds["label"]), seed=c.seed, max_train_samples=c.max_train_samples,
+                         holdout=c.holdout, folds=c.folds, fold=c.fold,
+                         texts=T.get_task(c.task).partition_texts(train_ds))
+    except ValueError as e:
+        raise ValueError(f"task {c.task} ({c.train_file or 'its train file'}): {e}") from None
 
 
 def fit_rows(c: TrainConfig):

@@ -299,13 +299,29 @@ def calib_half(cache: LayerCache, half: str) -> LayerCache:
 
 
 def take_rows(cache: LayerCache, rows: np.ndarray, split: str | None = None) -> LayerCache:
-    """The instances ``rows`` of a cache as a cache of their own (in memory), named ``split``."""
+    """The instances ``rows`` of a cache as a cache of their own (in memory), named ``split``; its meta
+    names the same data rows (:func:`row_ids`)."""
     rows = np.asarray(rows, dtype=np.int64)
     digest = hashlib.sha256(rows.tobytes()).hexdigest()[:12]
+    source, data_rows = row_ids(cache)
     return LayerCache(states=np.ascontiguousarray(cache.states[rows]), log_probs=np.ascontiguousarray(cache.log_probs[rows]),
                       labels=np.asarray(cache.labels)[rows], task=cache.task, split=split or cache.split,
-                      label_names=cache.label_names, metric=cache.metric,
-                      fingerprint=f"{cache.fingerprint}-rows-{digest}", meta={**cache.meta, "rows_of": rows.tolist()})
+                      label_names=cache.label_names, metric=cache.metric, fingerprint=f"{cache.fingerprint}-rows-{digest}",
+                      meta={**cache.meta, "source": source, "rows": data_rows[rows].tolist()})
+
+
+def row_ids(cache: LayerCache) -> tuple[str, np.ndarray]:
+    """Which data rows a cache holds: (the content id of the file they come from, their row indices in it).
+    A cache built from a whole file holds rows 0..N-1; one with no source file (synthetic) is its own source."""
+    rows = cache.meta.get("rows")
+    return (str(cache.meta.get("source") or cache.fingerprint),
+            np.arange(cache.num_instances) if rows is None else np.asarray(rows, dtype=np.int64))
+
+
+def rows_sha256(cache: LayerCache) -> str:
+    """sha256 of :func:`row_ids` (source and row indices): equal for caches of the same data rows."""
+    source, rows = row_ids(cache)
+    return hashlib.sha256(source.encode() + b"\0" + np.sort(rows).astype("<i8").tobytes()).hexdigest()
 
 
 def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | None = None,
@@ -393,7 +409,7 @@ def _calib_cache(spec, ckpt: Path, data_dir, data_file, rebuild, batch_size, ver
     fp = hashlib.sha256("".join(c.fingerprint for _, c in parts).encode()).hexdigest()
     return LayerCache(states=cat("states"), log_probs=cat("log_probs"), labels=cat("labels"), task=first.task,
                       split="calib", label_names=first.label_names, metric=first.metric, fingerprint=fp,
-                      meta={"checkpoint": str(ckpt), "calib": "crossfit", "folds": folds,
+                      meta={"checkpoint": str(ckpt), "source": data_id, "calib": "crossfit", "folds": folds,
                             "fold_checkpoints": [c.meta["checkpoint"] for _, c in parts], "rows": rows[order].tolist()})
 
 

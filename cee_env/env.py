@@ -49,6 +49,23 @@ def resolve_cache(
     return out
 
 
+def check_env_args(reward: str, alpha: float, obs: str, obs_bound: float = 50.0, flag: str = "") -> None:
+    """The environment's arguments, checked (a ``ValueError`` naming the argument): one check for ``gym.make``
+    and for the commands' flags (``flag="--"`` names them as flags)."""
+    if reward not in REWARDS:
+        raise ValueError(f"{flag}reward must be one of {', '.join(REWARDS)}; got {reward!r}")
+    if not (_finite(alpha) and alpha >= 0):
+        raise ValueError(f"{flag}alpha must be a finite number >= 0 (the depth penalty per layer); got {alpha!r}")
+    if obs not in OBS_MODES:
+        raise ValueError(f"{flag}obs must be one of {', '.join(OBS_MODES)}; got {obs!r}")
+    if not (_finite(obs_bound) and obs_bound > 0):
+        raise ValueError(f"{flag}obs_bound must be a finite number > 0; got {obs_bound!r}")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and bool(np.isfinite(x))
+
+
 @dataclass
 class EpisodeTables:
     """Everything ``step`` needs, precomputed per instance and layer (shared by the single and vector env).
@@ -74,14 +91,7 @@ class EpisodeTables:
         cls, cache: LayerCache, reward: str, alpha: float, obs: str, obs_bound: float,
         memorized: np.ndarray | None,
     ) -> "EpisodeTables":
-        if reward not in REWARDS:
-            raise ValueError(f"unknown reward {reward!r}; expected one of {REWARDS}")
-        if not np.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number; got {alpha}")
-        if obs not in OBS_MODES:
-            raise ValueError(f"unknown obs mode {obs!r}; expected one of {OBS_MODES}")
-        if not (np.isfinite(obs_bound) and obs_bound > 0):
-            raise ValueError(f"obs_bound must be a finite positive number; got {obs_bound}")
+        check_env_args(reward, alpha, obs, obs_bound)
         n, L, H = cache.states.shape
         if n == 0:
             raise ValueError("the cache holds no instances")

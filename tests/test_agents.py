@@ -107,3 +107,20 @@ def test_reinforce_env_step_budget_stops_mid_epoch(tmp_path, monkeypatch):
     assert 5000 <= res["env_steps"] < 5000 + 16 * 4 * 4
     assert res["epochs"] > 1  # --epochs is replaced by the budget
     assert res["reward_curve"][-1][0] == res["env_steps"]
+
+
+def test_reinforce_leaves_the_forced_last_exit_out_of_log_pi(tmp_path, monkeypatch):
+    # At layer L the env exits whatever the action: that step is no decision, so Eq 5 must not push pi there
+    # (joint_loss already leaves it out). The last layer's MLP gets no gradient: Adam leaves it as it started.
+    monkeypatch.setenv("CEE_RUNS_DIR", str(tmp_path))
+    caches = {s: make_synthetic_cache(n=64, num_layers=4, hidden=12, split=s, seed=1) for s in ("train", "dev")}
+    torch.manual_seed(0)
+    start = LayerMLPPolicy(12, 4, hidden=8)
+    start.save(tmp_path / "start")
+    args = Args(env="cee/Synthetic-v0", epochs=3, batch_size=16, k=4, hidden=8, quiet=True, eval_every=100,
+                init_policy=str(tmp_path / "start"), eps_start=0.5)
+    net = train(args, caches)["policy"].net
+    for name in ("w1", "b1", "w2", "b2"):
+        before, after = getattr(start, name).detach(), getattr(net, name).detach()
+        assert torch.equal(before[3], after[3]), name  # layer L: untouched
+        assert not torch.equal(before[:3], after[:3]), name  # layers 1..L-1: trained

@@ -108,7 +108,7 @@ def test_cli_calibrates_a_policy_and_predict_uses_it(policy_run, monkeypatch, ca
 
     monkeypatch.setattr(C, "calibration_cache", fake_cache)
     rec = C.main(["--run", str(run), "--risk", "consistency", "--epsilon", "0.1", "--delta", "0.2"])
-    assert seen == ["calib-b"] and rec["cal_split"] == "calib-b" and rec["n"] == 300
+    assert seen == ["calib-b", "calib-a"] and rec["cal_split"] == "calib-b" and rec["n"] == 300  # (calib-a: its rows)
     assert rec["pvalue"] <= 0.2 and json.loads((run / "calibration.json").read_text())["threshold"] == rec["threshold"]
     assert "keeps consistency <= 0.1" in capsys.readouterr().out
     from agents.inference.early_exit_model import load_policy

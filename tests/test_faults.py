@@ -20,6 +20,7 @@ from conftest import TINY_TASK, TINY_TRAIN
 import backbones.train as tr
 from agents.inference.early_exit_model import EarlyExitClassifier
 from agents.policies import LayerMLPPolicy, LearnedExit
+from agents.runtime import policy_record
 from backbones.cli import UserError
 from backbones.files import IntegrityError, claim, sha256_file
 from backbones.multiexit import CONFIG_NAME, WEIGHTS_NAME, MultiExitEncoder
@@ -77,7 +78,7 @@ def save_policy_run(cache: LayerCache, run: Path, checkpoint: Path | None = None
     torch.manual_seed(seed)
     net = LayerMLPPolicy(cache.hidden_size, cache.num_layers, hidden=8)
     net.set_normaliser(np.asarray(cache.states))
-    net.save(run, extra={"task": cache.task, "checkpoint": str(checkpoint) if checkpoint else None})
+    net.save(run, extra={**policy_record(cache), "checkpoint": str(checkpoint) if checkpoint else None})
     return LearnedExit(net)
 
 

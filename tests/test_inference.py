@@ -230,7 +230,9 @@ def test_single_texts_and_empty(tiny):
 
 
 def save_run(tiny, run_dir, policy: LearnedExit, **extra):
-    policy.net.save(run_dir, extra={"checkpoint": str(tiny["ckpt"]), "task": "RTE", **extra})
+    from agents.runtime import policy_record
+
+    policy.net.save(run_dir, extra={**policy_record(tiny["cache"]), "checkpoint": str(tiny["ckpt"]), **extra})
     return run_dir
 
 
@@ -269,7 +271,9 @@ def test_from_sb3_run(tiny, tmp_path):
     obs_var = np.concatenate([var, np.ones(LAYERS)])
     policy = sb3.SB3Exit(model, LAYERS, 50.0, obs_mean, obs_var)  # 50: the env's default obs_bound
     run = tmp_path / "sb3run"
-    policy.save(run, extra={"task": "RTE", "checkpoint": str(tiny["ckpt"])})
+    from agents.runtime import policy_record
+
+    policy.save(run, extra=policy_record(cache))
     clf = EarlyExitClassifier.from_run(run)
     res = clf.predict(tiny["ds"]["text_a"], tiny["ds"]["text_b"], batch_size=8)
     ev = evaluate(sb3.SB3Exit.load(run), cache)

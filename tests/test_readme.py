@@ -1,6 +1,7 @@
 """The README's own-task commands run as written (with a tiny model appended) on a fixture task."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -54,5 +55,7 @@ def test_own_task_commands_run_as_written(tmp_path, tiny_encoder_dir):
         assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     out = r.stdout.splitlines()
     assert out[0].split("\t")[:3] == ["index", "label", "exit_layer"] and len(out) == 1 + 24
-    assert (tmp_path / "runs" / "reinforce" / f"{name}-v0-consistency-a0.01-s0" / "policy.json").is_file()
+    run = re.search(r"--run (\S+)", commands[-1]).group(1)  # the folder the README's reinforce command names
+    assert (tmp_path / run / "policy.json").is_file() and json.loads((tmp_path / run / "policy.json").read_text())[
+        "task"] == name
     assert Path(tmp_path / "runs" / "stage1").is_dir()

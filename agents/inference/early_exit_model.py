@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from agents.policies import ExitPolicy, LayerMLPPolicy, LearnedExit, StaticExit
 
-__all__ = ["PredictResult", "EarlyExitClassifier", "full_depth_logits", "resolve_policy_checkpoint"]
+__all__ = ["PredictResult", "EarlyExitClassifier", "full_depth_logits", "resolve_policy_checkpoint", "load_policy",
+           "check_policy_fits", "check_threshold"]
 
 
 @dataclass
@@ -99,6 +100,7 @@ class EarlyExitClassifier:
         self.policy = policy
         self.trim_padding = trim_padding
         self.checkpoint: Path | None = None  # set by from_checkpoint / from_run
+        self.meta: dict = {}  # the policy run's record (from_run)
         self.num_layers = model.num_layers
         self.max_length = model.config.max_length
         names = tuple(model.config.label_names)
@@ -148,7 +150,10 @@ class EarlyExitClassifier:
         run = Path(run_dir)
         policy, meta = load_policy(run, threshold, trust_pickle)
         ckpt = Path(checkpoint) if checkpoint is not None else resolve_policy_checkpoint(run, meta)
-        return cls.from_checkpoint(ckpt, policy, **kw)
+        clf = cls.from_checkpoint(ckpt, policy, **kw)
+        check_policy_fits(run, meta, label_names=clf.label_names, num_layers=clf.num_layers, checkpoint=ckpt)
+        clf.meta = meta
+        return clf
 
     # ------------------------------------------------------------------ inference
     def tokenize(self, texts: Sequence[str], texts_b: Sequence[str] | None = None) -> list[dict]:
@@ -336,30 +341,73 @@ def load_policy(run: Path, threshold: float | None = None, trust_pickle: bool = 
     """The exit policy of a run folder and its JSON record (see :meth:`EarlyExitClassifier.from_run`).
 
     The exit threshold is ``threshold`` if given, else the one ``agents.calibrate`` chose
-    (``calibration.json``: a risk-controlled knob), else policy.json's, else 0.5.
+    (``calibration.json``: a risk-controlled knob, used only if it was made for this policy's files),
+    else policy.json's, else 0.5. Every threshold must be a number in [0, 1] (an error naming where it
+    was read otherwise).
     """
-    from backbones.files import read_json
+    from backbones.files import IntegrityError, read_json
 
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"policy run directory not found: {run}")
+    if threshold is not None:
+        threshold = check_threshold(threshold, "--threshold")
     fix = f"the policy run {run} cannot be trusted: train it again or restore the folder from a copy"
-    if threshold is None and (run / "calibration.json").is_file():
-        cal = read_json(run / "calibration.json", f"delete {run / 'calibration.json'} or run agents.calibrate again")
-        threshold = cal.get("threshold")
-        print(f"exit threshold {threshold:.6g} from {run / 'calibration.json'} ({cal['risk']} <= {cal['epsilon']:g} "
-              f"with probability >= {1 - cal['delta']:g})", file=sys.stderr)
     if (run / "policy.json").is_file() or not (run / "sb3_policy.json").is_file():
         for f in ("policy.json", "policy.safetensors"):
             if not (run / f).is_file():
                 raise FileNotFoundError(f"{run} is not a policy run: {f} is missing "
                                         "(or sb3_policy.json + sb3_policy.safetensors for an SB3 run)")
         meta = read_json(run / "policy.json", fix)
-        thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
-        return LearnedExit(LayerMLPPolicy.load(run), thr, name=str(meta.get("name", "consistentee"))), meta
-    from agents.sb3 import SB3Exit
+        policy = LearnedExit(LayerMLPPolicy.load(run), name=str(meta.get("name", "consistentee")))
+        default = check_threshold(meta["threshold"], str(run / "policy.json")) if "threshold" in meta else 0.5
+    else:
+        from agents.sb3 import SB3Exit
 
-    meta = read_json(run / "sb3_policy.json", fix)
-    policy = SB3Exit.load(run, trust_pickle=trust_pickle)
-    policy.threshold = None if threshold is None else float(threshold)
+        meta = read_json(run / "sb3_policy.json", fix)
+        policy, default = SB3Exit.load(run, trust_pickle=trust_pickle), None  # None: the greedy action
+    cal_file = run / "calibration.json"
+    if threshold is None and cal_file.is_file():
+        again = f"calibrate it again (python -m agents.calibrate --run {run}) or delete {cal_file}"
+        cal = read_json(cal_file, again)
+        if not cal.get("policy_sha256") or cal["policy_sha256"] != meta.get("sha256"):
+            raise IntegrityError(f"{cal_file} was not made for the policy now in {run} (trained again since, or an "
+                                 f"older calibration); {again}")
+        threshold = check_threshold(cal.get("threshold"), str(cal_file))
+        print(f"exit threshold {threshold:.6g} from {cal_file} ({cal.get('risk')} <= {cal.get('epsilon')} "
+              f"with probability >= 1 - {cal.get('delta')})", file=sys.stderr)
+    policy.threshold = default if threshold is None else threshold
     return policy, meta
+
+
+def check_threshold(value, where: str) -> float:
+    """An exit threshold on pi(exit), read from ``where`` (a flag or a file): a number in [0, 1] (pi > 1 never
+    happens, so 1 means "never exit early"); anything else is a ``ValueError`` naming ``where``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0  # NaN fails
+    if not ok:
+        raise ValueError(f"{where}: the exit threshold must be a number in [0, 1] (exit where pi(exit) > it); "
+                         f"got {value!r}")
+    return float(value)
+
+
+def check_policy_fits(run, meta: dict, *, task: str | None = None, label_names=None, num_layers: int | None = None,
+                      checkpoint=None) -> None:
+    """Refuse a policy for another task, label set, depth or backbone checkpoint than the one it was trained for
+    (what its JSON records: :func:`agents.runtime.policy_record`). ``None`` arguments are not checked."""
+    again = "use a policy trained for it, or train one (agents.reinforce / agents.fqi / agents.sb3)"
+    if task is not None and task != meta.get("task"):
+        raise ValueError(f"{run} was trained for task {meta.get('task')}, not {task}; {again}")
+    if label_names is not None and list(label_names) != list(meta.get("label_names") or label_names):
+        raise ValueError(f"{run} was trained for the labels {list(meta['label_names'])}, not {list(label_names)}; "
+                         f"{again}")
+    if num_layers is not None and num_layers != meta.get("num_layers", num_layers):
+        raise ValueError(f"{run} was trained for {meta['num_layers']} layers, not {num_layers}; {again}")
+    if checkpoint is not None:
+        from backbones.multiexit import weights_sha256
+
+        if not meta.get("checkpoint_sha256"):
+            raise ValueError(f"{run} records no sha256 of the backbone it was trained on (an older run); "
+                             "train it again")
+        if weights_sha256(checkpoint) != meta["checkpoint_sha256"]:
+            raise ValueError(f"{checkpoint} is not the backbone {run} was trained on (other weights); pass that "
+                             "checkpoint, or train a policy for this one")

@@ -91,8 +91,14 @@ class JointObjective:
                           self.c.policy_k)
 
     def save(self, out: Path, unwrap) -> None:
+        from backbones.multiexit import weights_sha256
+
         start = json.loads((self.policy_dir / "policy.json").read_text())  # its env, reward, task, ...
-        unwrap(self.modules[0]).save(out / "policy", extra={**start, "checkpoint": str(out), "joint": True})
+        # It learned on this stage's training rows together with the new backbone: no row hash of its own, so
+        # agents.calibrate refuses it rather than trusting the start policy's record.
+        unwrap(self.modules[0]).save(out / "policy", extra={
+            **start, "checkpoint": str(out), "checkpoint_sha256": weights_sha256(out), "joint": True,
+            "train_split": "train", "learned_on": {"split": "train", "rows_sha256": None}})
 
 
 def run(c: StageConfig) -> Path:
