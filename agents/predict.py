@@ -2,6 +2,7 @@
 
     python -m agents.predict --run runs/reinforce/<run> --input texts.txt
     python -m agents.predict --run DIR --task RTE --input dev.tsv --out preds.tsv
+    python -m agents.predict --run DIR --task RTE --runtime onnx --threads 1   # layers in ONNX Runtime (fast path)
     python -m agents.predict --run DIR --task-file my_task.toml --split test   # your own task's test file
     python -m agents.predict --checkpoint runs/stage1/RTE-all-MiniLM-L6-v2-mean-eq1-s0 --rule static-3 \\
         --text "A man is sleeping." --text-b "Nobody sleeps."
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.inference import RUNTIMES
 from agents.policies import ExitPolicy, StaticExit
 from backbones.cli import Repeatable, UserError, parse, user_errors
 from backbones.files import read_text_utf8, write_text
@@ -130,7 +132,10 @@ class PredictArgs:
     sort_by_length: bool = False
     """batch similar lengths together (less padding)"""
     threads: int | None = None
-    """torch threads; None: torch's default"""
+    """torch threads (ONNX Runtime intra-op threads with --runtime onnx); None: the runtime's default"""
+    runtime: str = "torch"
+    """torch (PyTorch eager, the reference) or onnx (every layer in ONNX Runtime, the fast path: the checkpoint
+    is exported once to runs/onnx/, checked by sha256 on load; needs pip install -e '.[fast]')"""
     out: str | None = None
     """write the TSV here; None: stdout"""
 
@@ -143,6 +148,8 @@ def check_args(a: PredictArgs) -> None:
         raise UserError("--rule replaces a policy run's policy; give --run or --rule, not both")
     if a.checkpoint and not a.run and not a.rule:
         raise UserError("--checkpoint needs --rule (e.g. static-3) or --run")
+    if a.runtime not in RUNTIMES:
+        raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}; got {a.runtime!r}")
     if a.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1; got {a.batch_size}")
     if a.task and a.task_file:
@@ -201,11 +208,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    kw = {"runtime": a.runtime, **({"threads": a.threads} if a.runtime == "onnx" else {})}
     if a.run:
         clf = EarlyExitClassifier.from_run(a.run, checkpoint=a.checkpoint, threshold=a.threshold,
-                                           trust_pickle=a.trust_pickle)
+                                           trust_pickle=a.trust_pickle, **kw)
     else:
-        clf = EarlyExitClassifier.from_checkpoint(a.checkpoint, policy)
+        clf = EarlyExitClassifier.from_checkpoint(a.checkpoint, policy, **kw)
     if spec is not None:
         check_task(spec, clf, a.run)
     t0 = time.perf_counter()
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(tsv)
     hist = np.bincount(res.exit_layers, minlength=res.num_layers + 1)[1:].tolist()
-    msg = (f"{len(res)} instances, policy {res.stats['policy']}: avg exit layer {res.avg_exit_layer:.2f}/{res.num_layers} "
+    msg = (f"{len(res)} instances, policy {res.stats['policy']} ({a.runtime}): avg exit layer {res.avg_exit_layer:.2f}/{res.num_layers} "
            f"(saved {100 * res.saved_layers:.1f}%), exits by layer {hist}, {dt:.2f} s")
     if gold is not None and spec is not None:
         from backbones.tasks import compute_metric

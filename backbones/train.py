@@ -544,16 +544,30 @@ def ensure_checkpoint(task: str, **overrides) -> Path:
     """The stage-1 checkpoint for ``task`` with these settings; trained first if missing (or waited for,
     when another process is training it). A complete checkpoint in that folder trained with other
     settings is refused (:class:`UserError`), never reused."""
+    try:
+        return trained_checkpoint(task, **overrides)
+    except FileNotFoundError:
+        pass
     c = TrainConfig(task=task, **{k: v for k, v in overrides.items() if v is not None})
     r = c.resolved()
     ckpt = checkpoint_dir(r)
-    if is_complete(ckpt):  # the same settings and the same training rows (a changed train file is refused)
-        check_same_training(ckpt, r, rows_sha256(fit_rows(r)))
-        return ckpt
     if not (ckpt / WEIGHTS_NAME).is_file():  # (with weights but no metrics.json, train() says what it does)
         print(f"No stage-1 checkpoint at {ckpt}: training it now (Eq 1, {r.epochs} epochs). "
               "This runs once; later runs reuse it.")
     train(c)
+    return ckpt
+
+
+def trained_checkpoint(task: str, **overrides) -> Path:
+    """The complete stage-1 checkpoint for ``task`` with these settings; ``FileNotFoundError`` naming the command
+    that trains it when there is none (what :func:`ensure_checkpoint` would train)."""
+    r = TrainConfig(task=task, **{k: v for k, v in overrides.items() if v is not None}).resolved()
+    ckpt = checkpoint_dir(r)
+    if not is_complete(ckpt):
+        flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)
+        raise FileNotFoundError(f"no trained stage-1 checkpoint at {ckpt}; train it with "
+                                f"`python -m backbones.train --task {task}{flags}`")
+    check_same_training(ckpt, r, rows_sha256(fit_rows(r)))  # other settings or other training rows: UserError
     return ckpt
 
 

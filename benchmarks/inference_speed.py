@@ -1,33 +1,42 @@
-"""Early-exit inference speed: does skipping layers save the time it promises?
+"""Early-exit inference speed: does skipping layers save the time it promises, against the fastest full depth?
 
-For each task's dev set and each batch size (default 1 and 32), wall time of
+For each task's dev set, each batch size (default 1 and 32) and each runtime of ``--runtime``
+(default both), wall time of
 
-- ``full-loop``:  the full-depth model through the same layer-by-layer loop, last classifier only
-- ``full-hf``:    the full-depth model through the encoder's own (Hugging Face) forward
-- ``ee:<policy>``: :class:`agents.inference.early_exit_model.EarlyExitClassifier` with the policy
+- ``torch:full``:     PyTorch eager, full depth through the layer-by-layer loop, last classifier only
+- ``torch:full-hf``:  PyTorch eager, full depth through the encoder's own (Hugging Face) forward
+- ``torch:ee``:       :class:`agents.inference.early_exit_model.EarlyExitClassifier` with the policy
   (every layer's classifier, the policy, rows leaving the batch as they exit)
-- ``ee:full``:     the generic early-exit loop with a policy that never exits (its overhead:
-  every layer's classifier and a policy call; a static rule skips those)
+- ``onnx:full``:      ONNX Runtime, the whole full-depth model exported as one graph (the fastest
+  full-depth option a user has here)
+- ``onnx:ee``:        :class:`agents.inference.onnx_runtime.OnnxEarlyExitClassifier`: the same early exit
+  with the embeddings and every layer + pooling + classifier a graph of its own
+- ``<runtime>:ee-never``: the early-exit loop with a policy that never exits (its overhead at full
+  depth: every layer's classifier, a policy call, one graph per layer)
 
 Tokenisation and padding happen before timing, identically for all; with batch
 size > 1 the dev set is sorted by length first (for all). Each figure is the median
 of ``--repeats`` passes over the dev set after one warm-up pass; the variants are
 interleaved batch by batch (in rotating order) so background load hits all alike.
 Process CPU time is recorded too (robust to other processes on a busy machine;
-with 1 thread it is the compute time). Speed-up = t(full-loop) / t(ee) in wall
-time; the speed-up the saved layers predict is
-L / average exit layer; the ratio of the two should be >= 0.9 at batch 1 and >= 0.8
-at batch 32. Also reported: the token-weighted prediction L * sum(len) / sum(len * exit)
+with 1 thread it is the compute time). Speed-up in a runtime = t(full depth in that runtime) /
+t(early exit in it) in wall time (for onnx: against the whole-model graph); the speed-up the saved
+layers predict is L / average exit layer; the ratio of the two should be >= 0.9 at batch 1 and
+>= 0.85 at batch 32. Also reported: the token-weighted prediction L * sum(len) / sum(len * exit)
 (compute grows with tokens, and long instances tend to exit later) and the ratio to it,
-which isolates the implementation's overhead from that property of the data. Also checked: the early-exit predictions and exit layers equal what the
-evaluator (agents.evaluate over the layer cache) reports for the same policy.
+which isolates the implementation's overhead from that property of the data. Also checked: the
+early-exit predictions and exit layers of each runtime equal what the evaluator
+(agents.evaluate over the layer cache) reports for the same policy, and the largest difference
+of ONNX Runtime's log-probabilities from PyTorch's.
 
 Policies: ``--policy-run DIR`` (a trained policy run of agents.reinforce or agents.sb3;
 ``TASK=DIR`` for one task) and the rules of ``--rules``; without a policy run the rules
 default to ``static-3`` and ``maxprob:auto`` (a max-probability threshold chosen on the
-dev cache so that about half of the layers are saved).
+calib cache so that about half of the layers are saved) on each task's deployed checkpoint
+(the protocol's: ``cee_env.cache.deployed_checkpoint``). A task that cannot be measured (no
+trained checkpoint, no policy) is an error, not a skipped task.
 
-    python -m benchmarks.inference_speed [--tasks RTE MRPC] [--policy-run DIR] [--out PATH]
+    python -m benchmarks.inference_speed [--tasks RTE MRPC] [--policy-run DIR] [--runtime torch onnx] [--out PATH]
 """
 from __future__ import annotations
 
@@ -46,6 +55,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 import numpy as np
 import torch
 
+from agents.inference import RUNTIMES
 from agents.inference.early_exit_model import EarlyExitClassifier, full_depth_logits
 from agents.evaluate import evaluate
 from agents.policies import ExitPolicy
@@ -54,7 +64,7 @@ from agents.predict import parse_rule
 from backbones.cli import Repeatable, UserError, parse, user_errors
 from backbones.files import write_json
 
-TARGETS = {1: 0.9, 32: 0.8}  # ratio measured / predicted speed-up, by batch size
+TARGETS = {1: 0.9, 32: 0.85}  # ratio measured / predicted speed-up, by batch size
 DEFAULT_RULES = ["static-3", "maxprob:auto"]
 
 
@@ -108,8 +118,10 @@ def load_policies(task: str, args, default_ckpt, cache_for) -> list[tuple[str, o
     ckpt = Path(args.checkpoint) if args.checkpoint else default_ckpt()
     for rule in rules:
         if rule.lower() == "maxprob:auto":
-            p = calibrate_maxprob(cache_for(ckpt), args.target_saved)
-            desc = (f"max-prob rule, threshold {p.threshold:g} chosen on the dev cache to save "
+            from cee_env.cache import get_cache
+
+            p = calibrate_maxprob(get_cache(task, "calib", checkpoint=ckpt, verbose=False), args.target_saved)
+            desc = (f"max-prob rule, threshold {p.threshold:g} chosen on the calib cache to save "
                     f"~{100 * args.target_saved:.0f}% of layers{note}")
         else:
             p = parse_rule(rule)
@@ -145,126 +157,144 @@ def time_interleaved(variants: dict, batches: list, repeats: int) -> tuple[dict,
     return wall, cpu
 
 
-def bench_task(task: str, args, on_progress=None) -> dict | None:
+def bench_task(task: str, args, on_progress=None) -> dict:
+    """Time every policy of ``task`` in every runtime of ``args.runtime``; a task that cannot be measured
+    (no checkpoint, no policy) raises (``FileNotFoundError`` / :class:`UserError`)."""
     from backbones import tasks as T
-    from backbones.train import TrainConfig, checkpoint_dir, ensure_checkpoint, is_complete
-    from cee_env.cache import get_cache
+    from cee_env.cache import deployed_checkpoint, get_cache
 
     spec = T.get_task(task)
     caches: dict[str, object] = {}
 
-    def default_ckpt() -> Path:
+    def default_ckpt() -> Path:  # the checkpoint the protocol deploys (the one the benchmark's policies learn on)
         if args.checkpoint:
             return Path(args.checkpoint)
-        ck = checkpoint_dir(TrainConfig(task=spec.name).resolved())
-        if is_complete(ck):
-            return ck
-        if not args.train_missing:
-            raise FileNotFoundError(f"no trained stage-1 checkpoint at {ck}; train it with "
-                                    f"`python -m backbones.train --task {spec.name}` or pass --train-missing")
-        return ensure_checkpoint(spec.name)
+        return deployed_checkpoint(spec.name, train_missing=args.train_missing)
 
     def cache_for(ckpt: Path):
         if str(ckpt) not in caches:
             caches[str(ckpt)] = get_cache(spec.name, "dev", checkpoint=ckpt, data_file=args.dev_file, verbose=False)
         return caches[str(ckpt)]
 
-    try:
-        policies = load_policies(spec.name, args, default_ckpt, cache_for)
-    except FileNotFoundError as e:
-        print(f"skipping {spec.name}: {e}")
-        return None
+    policies = load_policies(spec.name, args, default_ckpt, cache_for)
+    if not policies:
+        raise UserError(f"nothing to time on {spec.name}: no --policy-run is for this task and --rules is empty")
     ds = T.load_split(spec, "dev", path=args.dev_file)
     if args.limit:
         ds = ds.select(range(min(args.limit, len(ds))))
     result = {"task": spec.name, "n": len(ds), "policies": {}}
     for key, policy, desc, ckpt in policies:
-        cache = cache_for(ckpt)
-        clf = EarlyExitClassifier.from_checkpoint(ckpt, policy)
-        model, L = clf.model, clf.num_layers
-        full_clf = EarlyExitClassifier(model, clf.tokenizer, NeverExit())
-        ev = evaluate(policy, cache)
-        n = len(ds)
-        ev_exits, ev_preds = ev.exit_layers[:n], ev.preds[:n]
-        avg_exit = float(ev_exits.mean())
-        feats = clf.tokenize(ds["text_a"], ds["text_b"])
-        lens = np.array([len(f["input_ids"]) for f in feats], dtype=np.float64)
-        # compute ~ tokens x layers (attention's T^2 term is small at these lengths): long instances that
-        # exit late save less than their layer count says
-        tok_pred = L * lens.sum() / (lens * ev_exits).sum()
-        pres = {"description": desc, "checkpoint": str(ckpt), "num_layers": L, "avg_exit_layer": avg_exit,
-                "predicted_speedup": L / avg_exit, "predicted_speedup_token_weighted": tok_pred,
-                f"dev_{ev.metric_name}": ev.metric, "batch": {}}
-        print(f"\n{spec.name} [{key}]: {desc}\n  checkpoint {ckpt}; dev {ev.metric_name} {100 * ev.metric:.1f} at avg exit "
-              f"{avg_exit:.2f}/{L} -> predicted speed-up {L / avg_exit:.2f}x ({tok_pred:.2f}x token-weighted)")
-        for bs in args.batch_sizes:
-            batch_list = [(idx, inp) for idx, inp in clf.batches(feats, bs, sort_by_length=bs > 1)]
-            inputs = [inp for _, inp in batch_list]
-            # correctness first (also the warm-up of the early-exit path)
-            exits = np.zeros(n, dtype=np.int64)
-            preds = np.zeros(n, dtype=np.int64)
-            calls = 0
-            with torch.inference_mode():
-                for idx, inp in batch_list:
-                    logp, ex, k = clf.classify_batch(**inp)
-                    exits[idx], preds[idx] = ex, logp.argmax(-1)
-                    calls += k
-            variants = {
-                "full-loop": lambda inp: full_depth_logits(model, **inp),
-                "full-hf": lambda inp: full_depth_logits(model, **inp, plain_forward=True),
-                "ee:full": lambda inp: full_clf.classify_batch(**inp),
-                "ee": lambda inp: clf.classify_batch(**inp),
-            }
-            with torch.inference_mode():
-                times, cpu_times = time_interleaved(variants, inputs, args.repeats)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            cmed = {k: statistics.median(v) for k, v in cpu_times.items()}
-            speed = med["full-loop"] / med["ee"]
-            row = {
-                "seconds": med, "all_seconds": times, "cpu_seconds": cmed,
-                "ms_per_instance": {k: 1000 * v / n for k, v in med.items()},
-                "speedup_vs_full_loop": speed, "speedup_vs_full_hf": med["full-hf"] / med["ee"],
-                "ratio_to_predicted": speed / (L / avg_exit),
-                "ratio_to_predicted_vs_full_hf": (med["full-hf"] / med["ee"]) / (L / avg_exit),
-                "cpu_ratio_to_predicted": (cmed["full-loop"] / cmed["ee"]) / (L / avg_exit),
-                "ratio_to_token_weighted_prediction": speed / tok_pred,
-                "ee_loop_overhead_at_full_depth": med["ee:full"] / med["full-loop"] - 1,
-                "layer_calls": calls, "batches": len(inputs),
-                "agree_with_evaluator": {"preds": int((preds == ev_preds).sum()),
-                                         "exit_layers": int((exits == ev_exits).sum()), "n": n},
-                "target_ratio": TARGETS.get(bs),
-            }
-            pres["batch"][str(bs)] = row
-            tgt = TARGETS.get(bs)
-            verdict = "" if tgt is None else ("  PASS" if row["ratio_to_predicted"] >= tgt else f"  BELOW target {tgt}")
-            print(f"  batch {bs:>3}: full-loop {med['full-loop']:.3f}s  full-hf {med['full-hf']:.3f}s  "
-                  f"ee {med['ee']:.3f}s  ee:full {med['ee:full']:.3f}s | speed-up {speed:.2f}x "
-                  f"(vs hf {row['speedup_vs_full_hf']:.2f}x), predicted {L / avg_exit:.2f}x, "
-                  f"ratio {row['ratio_to_predicted']:.3f}{verdict} (CPU-time ratio {row['cpu_ratio_to_predicted']:.3f}) | agree preds {row['agree_with_evaluator']['preds']}/{n} "
-                  f"exits {row['agree_with_evaluator']['exit_layers']}/{n}")
-        result["policies"][key] = pres
+        result["policies"][key] = bench_policy(spec.name, ds, policy, desc, ckpt, cache_for(ckpt), args)
         if on_progress is not None:
             on_progress(result)
     return result
 
 
+def bench_policy(task: str, ds, policy, desc: str, ckpt: Path, cache, args) -> dict:
+    """One policy on one dev set: each runtime's full depth and early exit, at each batch size."""
+    clf = EarlyExitClassifier.from_checkpoint(ckpt, policy)
+    model, L = clf.model, clf.num_layers
+    clfs = {"torch": clf}
+    if "onnx" in args.runtime:
+        from agents.inference.onnx_runtime import OnnxEarlyExitClassifier, load_graphs
+
+        clfs["onnx"] = OnnxEarlyExitClassifier(model, clf.tokenizer, policy, load_graphs(ckpt, model, args.threads))
+    ev = evaluate(policy, cache)
+    n = len(ds)
+    ev_exits, ev_preds = ev.exit_layers[:n], ev.preds[:n]
+    avg_exit = float(ev_exits.mean())
+    feats = clf.tokenize(ds["text_a"], ds["text_b"])
+    lens = np.array([len(f["input_ids"]) for f in feats], dtype=np.float64)
+    # compute ~ tokens x layers (attention's T^2 term is small at these lengths): long instances that
+    # exit late save less than their layer count says
+    tok_pred = L * lens.sum() / (lens * ev_exits).sum()
+    pred = L / avg_exit
+    pres = {"description": desc, "checkpoint": str(ckpt), "num_layers": L, "avg_exit_layer": avg_exit,
+            "predicted_speedup": pred, "predicted_speedup_token_weighted": tok_pred,
+            f"dev_{ev.metric_name}": ev.metric, "runtimes": list(args.runtime), "batch": {}}
+    print(f"\n{task} [{policy.name}]: {desc}\n  checkpoint {ckpt}; dev {ev.metric_name} {100 * ev.metric:.1f} at "
+          f"avg exit {avg_exit:.2f}/{L} -> predicted speed-up {pred:.2f}x ({tok_pred:.2f}x token-weighted)")
+    for bs in args.batch_sizes:
+        inputs = [inp for _, inp in clf.batches(feats, bs, sort_by_length=bs > 1)]
+        idxs = [idx for idx, _ in clf.batches(feats, bs, sort_by_length=bs > 1)]
+        np_inputs = [{k: np.ascontiguousarray(v.numpy()) for k, v in inp.items()} for inp in inputs]
+        variants, agree, logps = {}, {}, {}
+        for rt in args.runtime:
+            c = clfs[rt]
+            batches = inputs if rt == "torch" else np_inputs
+            # correctness first (also the warm-up of the early-exit path)
+            exits, preds = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+            logps[rt] = np.zeros((n, len(clf.label_names)), dtype=np.float32)
+            with torch.inference_mode():
+                for idx, inp in zip(idxs, batches):
+                    logp, ex, _ = c.classify_batch(**inp)
+                    exits[idx], preds[idx], logps[rt][idx] = ex, logp.argmax(-1), logp
+            agree[rt] = {"preds": int((preds == ev_preds).sum()), "exit_layers": int((exits == ev_exits).sum()), "n": n}
+            never = type(c)(model, c.tokenizer, NeverExit(), **({"graphs": c.graphs} if rt == "onnx" else {}))
+            if rt == "torch":
+                variants.update({
+                    "torch:full": lambda inp: full_depth_logits(model, **inp),
+                    "torch:full-hf": lambda inp: full_depth_logits(model, **inp, plain_forward=True),
+                })
+            else:
+                variants["onnx:full"] = lambda inp, g=c.graphs: g.full_depth(**inp)
+            variants[f"{rt}:ee-never"] = lambda inp, f=never.classify_batch: f(**inp)
+            variants[f"{rt}:ee"] = lambda inp, f=c.classify_batch: f(**inp)
+        pairs = [(inputs[i], np_inputs[i]) for i in range(len(inputs))]
+        timed = {k: (lambda pair, f=f, rt=k.split(":")[0]: f(pair[0] if rt == "torch" else pair[1]))
+                 for k, f in variants.items()}
+        with torch.inference_mode():
+            times, cpu_times = time_interleaved(timed, pairs, args.repeats)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        cmed = {k: statistics.median(v) for k, v in cpu_times.items()}
+        row = {"seconds": med, "all_seconds": times, "cpu_seconds": cmed,
+               "ms_per_instance": {k: 1000 * v / n for k, v in med.items()}, "batches": len(inputs),
+               "agree_with_evaluator": agree, "target_ratio": TARGETS.get(bs), "runtime": {}}
+        if len(logps) == 2:
+            row["onnx_vs_torch_max_abs_log_prob_diff"] = float(np.abs(logps["onnx"] - logps["torch"]).max())
+        for rt in args.runtime:
+            full = med[f"{rt}:full"]
+            speed = full / med[f"{rt}:ee"]
+            row["runtime"][rt] = {
+                "speedup": speed, "ratio_to_predicted": speed / pred,
+                "cpu_ratio_to_predicted": (cmed[f"{rt}:full"] / cmed[f"{rt}:ee"]) / pred,
+                "ratio_to_token_weighted_prediction": speed / tok_pred,
+                "ee_loop_overhead_at_full_depth": med[f"{rt}:ee-never"] / full - 1,
+                "speedup_vs_torch_full": med["torch:full"] / med[f"{rt}:ee"] if "torch:full" in med else None,
+            }
+        pres["batch"][str(bs)] = row
+        tgt = TARGETS.get(bs)
+        for rt, r in row["runtime"].items():
+            verdict = "" if tgt is None else ("  PASS" if r["ratio_to_predicted"] >= tgt else f"  BELOW target {tgt}")
+            a = agree[rt]
+            print(f"  batch {bs:>3} {rt:<5}: full {med[f'{rt}:full']:.3f}s  ee {med[f'{rt}:ee']:.3f}s  "
+                  f"ee-never {med[f'{rt}:ee-never']:.3f}s | speed-up {r['speedup']:.2f}x, predicted {pred:.2f}x, "
+                  f"ratio {r['ratio_to_predicted']:.3f}{verdict} (CPU-time ratio {r['cpu_ratio_to_predicted']:.3f})"
+                  f" | agree preds {a['preds']}/{n} exits {a['exit_layers']}/{n}")
+        if "torch:full" in med and "onnx:full" in med:
+            print(f"  batch {bs:>3}: onnx full depth is {med['torch:full'] / med['onnx:full']:.2f}x faster than "
+                  f"torch full depth; onnx early exit {med['torch:full'] / med['onnx:ee']:.2f}x")
+    return pres
+
+
 def format_table(results: list[dict]) -> str:
-    head = (f"{'task':<6} {'policy':<24} {'bs':>3} {'avg exit':>8} {'full-loop s':>11} {'full-hf s':>9} "
-            f"{'ee s':>7} {'speed-up':>8} {'predicted':>9} {'ratio':>6} {'ratio(hf)':>9} {'ratio(cpu)':>10} "
-            f"{'pred(tok)':>9} {'ratio(tok)':>10} {'ee-ovh':>7} {'agree':>5}")
+    head = (f"{'task':<13} {'policy':<24} {'bs':>3} {'runtime':<7} {'avg exit':>8} {'full s':>8} {'ee s':>8} "
+            f"{'speed-up':>8} {'predicted':>9} {'ratio':>6} {'ratio(cpu)':>10} {'ratio(tok)':>10} {'ee-ovh':>7} "
+            f"{'agree':>5}")
     lines = [head, "-" * len(head)]
     for r in results:
         for name, p in r["policies"].items():
             for bs, b in p["batch"].items():
-                s, a = b["seconds"], b["agree_with_evaluator"]
-                ok = "yes" if a["preds"] == a["n"] and a["exit_layers"] == a["n"] else f"{a['exit_layers']}/{a['n']}"
-                lines.append(
-                    f"{r['task']:<6} {name[:24]:<24} {bs:>3} {p['avg_exit_layer']:>5.2f}/{p['num_layers']} "
-                    f"{s['full-loop']:>11.3f} {s['full-hf']:>9.3f} {s['ee']:>7.3f} {b['speedup_vs_full_loop']:>7.2f}x "
-                    f"{p['predicted_speedup']:>8.2f}x {b['ratio_to_predicted']:>6.3f} "
-                    f"{b['ratio_to_predicted_vs_full_hf']:>9.3f} {b['cpu_ratio_to_predicted']:>10.3f} "
-                    f"{p['predicted_speedup_token_weighted']:>8.2f}x {b['ratio_to_token_weighted_prediction']:>10.3f} "
-                    f"{100 * b['ee_loop_overhead_at_full_depth']:>6.1f}% {ok:>5}")
+                s = b["seconds"]
+                for rt, x in b["runtime"].items():
+                    a = b["agree_with_evaluator"][rt]
+                    ok = "yes" if a["preds"] == a["n"] and a["exit_layers"] == a["n"] else f"{a['exit_layers']}/{a['n']}"
+                    lines.append(
+                        f"{r['task']:<13} {name[:24]:<24} {bs:>3} {rt:<7} {p['avg_exit_layer']:>5.2f}/{p['num_layers']} "
+                        f"{s[rt + ':full']:>8.3f} {s[rt + ':ee']:>8.3f} {x['speedup']:>7.2f}x "
+                        f"{p['predicted_speedup']:>8.2f}x {x['ratio_to_predicted']:>6.3f} {x['cpu_ratio_to_predicted']:>10.3f} "
+                        f"{x['ratio_to_token_weighted_prediction']:>10.3f} "
+                        f"{100 * x['ee_loop_overhead_at_full_depth']:>6.1f}% {ok:>5}")
     return "\n".join(lines)
 
 
@@ -277,16 +307,19 @@ class Args:
     policy_run: Repeatable = ()
     """a trained policy run dir (agents.reinforce or agents.sb3), or TASK=DIR for one task"""
     rules: tuple[str, ...] | None = None
-    """exit rules to time (see agents.predict; maxprob:auto calibrates a max-prob threshold on the dev cache);
+    """exit rules to time (see agents.predict; maxprob:auto calibrates a max-prob threshold on the calib cache);
     None: static-3 maxprob:auto when no --policy-run is given, else none"""
     target_saved: float = 0.5
     """fraction of layers maxprob:auto aims to save"""
     checkpoint: str | None = None
-    """backbone checkpoint; None: the task's default stage-1 one"""
+    """backbone checkpoint; None: the task's deployed stage-1 checkpoint (cee_env.cache.deployed_checkpoint)"""
     dev_file: str | None = None
     """dev file path instead of the task's (single task)"""
     train_missing: bool = False
-    """train a missing default stage-1 checkpoint (else the task is skipped)"""
+    """train a missing deployed stage-1 checkpoint (else a task without one is an error)"""
+    runtime: tuple[str, ...] = ("torch", "onnx")
+    """runtimes to time: torch (PyTorch eager, the layer loop) and/or onnx (ONNX Runtime: the whole model in
+    one graph for full depth, one graph per layer for early exit)"""
     batch_sizes: tuple[int, ...] = (1, 32)
     """batch sizes"""
     repeats: int = 5
@@ -294,7 +327,7 @@ class Args:
     limit: int | None = None
     """time only the first N dev instances; None: all"""
     threads: int | None = None
-    """torch threads; None: all cores"""
+    """torch threads and ONNX Runtime intra-op threads; None: all cores"""
     out: str | None = None
     """JSON path; None: runs/benchmarks/inference_speed.json"""
 
@@ -304,6 +337,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(Args, argv, __doc__)
     if (args.checkpoint or args.dev_file) and len(args.tasks) != 1:
         raise UserError("--checkpoint / --dev-file need exactly one task in --tasks")
+    bad = [r for r in args.runtime if r not in RUNTIMES]
+    if bad or not args.runtime:
+        raise UserError(f"--runtime takes one or more of {', '.join(RUNTIMES)}; got {' '.join(args.runtime) or 'none'}")
+    args.runtime = tuple(dict.fromkeys(args.runtime))
     args.threads = args.threads or os.cpu_count() or 1
 
     torch.set_num_threads(args.threads)
@@ -324,11 +361,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_json(out, {"results": done, **meta, "complete": partial is None})
 
     for t in args.tasks:
-        r = bench_task(t, args, on_progress=write)
-        if r is not None:
-            results.append(r)
-    if results:
-        print("\n" + format_table(results))
+        results.append(bench_task(t, args, on_progress=write))
+    print("\n" + format_table(results))
     write()
     print(f"wrote {out}")
     return results

@@ -325,23 +325,25 @@ def rows_sha256(cache: LayerCache) -> str:
 
 
 def deployed_checkpoint(task: str, protocol: str | None = None, data_dir: str | None = None,
-                        model: str | None = None, seed: int | None = None) -> Path:
+                        model: str | None = None, seed: int | None = None, train_missing: bool = True) -> Path:
     """The stage-1 checkpoint a task deploys under ``protocol`` (default: the task's) for the backbone
-    ``model`` (default all-MiniLM-L6-v2; all-mpnet-base-v2, smollm2 or any Hugging Face path), trained if missing.
+    ``model`` (default all-MiniLM-L6-v2; all-mpnet-base-v2, smollm2 or any Hugging Face path), trained if missing
+    (``train_missing=False``: ``FileNotFoundError`` naming the command that trains it).
 
     ``holdout``: the backbone fitted on train minus a stratified held-out fraction (the
     calib rows), unless the task trains on a subset and has spare rows for calib;
     ``crossfit``: the backbone fitted on every training row (calib comes from the folds).
     """
     from backbones import protocol as P
-    from backbones.train import ensure_checkpoint
+    from backbones.train import ensure_checkpoint, trained_checkpoint
 
     protocol = protocol or P.default_protocol(task)
     if protocol not in P.PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(P.PROTOCOLS)}")
+    get = ensure_checkpoint if train_missing else trained_checkpoint
     if protocol == "holdout" and not _task_has_spare(task, data_dir):
-        return ensure_checkpoint(task, data_dir=data_dir, holdout=P.HOLDOUT, model=model, seed=seed)
-    return ensure_checkpoint(task, data_dir=data_dir, model=model, seed=seed)
+        return get(task, data_dir=data_dir, holdout=P.HOLDOUT, model=model, seed=seed)
+    return get(task, data_dir=data_dir, model=model, seed=seed)
 
 
 def _task_has_spare(task: str, data_dir: str | None) -> bool:

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agents.inference import RUNTIMES
 from agents.policies import ExitPolicy, LayerMLPPolicy, LearnedExit, StaticExit
 
 __all__ = ["PredictResult", "EarlyExitClassifier", "full_depth_logits", "resolve_policy_checkpoint", "load_policy",
-           "check_policy_fits", "check_threshold"]
+           "check_policy_fits", "check_threshold", "RUNTIMES"]
 
 
 @dataclass
@@ -120,9 +121,18 @@ class EarlyExitClassifier:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike, policy: ExitPolicy, **kw) -> "EarlyExitClassifier":
-        """A stage-1 (or co-trained) checkpoint directory and any exit policy."""
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, policy: ExitPolicy, runtime: str = "torch",
+                        **kw) -> "EarlyExitClassifier":
+        """A stage-1 (or co-trained) checkpoint directory and any exit policy. ``runtime="onnx"`` gives an
+        :class:`~agents.inference.onnx_runtime.OnnxEarlyExitClassifier` (keywords ``threads``, ``rebuild``)."""
         from backbones.multiexit import MultiExitEncoder, load_tokenizer
+
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+        if runtime == "onnx":
+            from agents.inference.onnx_runtime import OnnxEarlyExitClassifier
+
+            return OnnxEarlyExitClassifier.from_checkpoint(checkpoint, policy, **kw)
 
         ckpt = Path(checkpoint)
         if not ckpt.is_dir():
@@ -214,7 +224,6 @@ class EarlyExitClassifier:
                        token_type_ids: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """One padded batch: log-probs at the exit layer [B, C], exit layers [B] (1-based), layer calls made."""
         model, policy, L = self.model, self.policy, self.num_layers
-        needs_states = getattr(policy, "needs_states", True)
         b = input_ids.shape[0]
         hidden, lmask = model.embed(input_ids, attention_mask, token_type_ids)
         if type(policy) is StaticExit:  # reads no outputs: run k layers, one classifier (same exits by definition)
@@ -223,52 +232,80 @@ class EarlyExitClassifier:
                 hidden = model.run_layer(l, hidden, lmask)
             logp = torch.log_softmax(model.classify(k - 1, model.pool(hidden, attention_mask)).float(), -1)
             return logp.numpy(), np.full(b, k, dtype=np.int64), k
-        mask = attention_mask
-        rows = torch.arange(b)  # original row of each row still in the batch
-        out_logp = torch.empty(b, len(self.label_names))
-        out_exit = torch.empty(b, dtype=torch.long)
-        hist_logp = torch.empty(b, L, len(self.label_names))  # history of the rows still in the batch
-        hist_states = torch.empty(b, L, hidden.shape[-1]) if needs_states else None
         heads = None if model.training else _linear_heads(model)
         fast_pool = model.config.pooling == "mean" and _is_stock_pool(model)
-        if fast_pool:  # MultiExitEncoder.pool's mean pooling, its mask and denominator computed once
-            pm = mask.unsqueeze(-1).to(hidden.dtype)
-            denom = pm.sum(1).clamp(min=1.0)
-        for l in range(L):
-            hidden = model.run_layer(l, hidden, lmask)
-            pooled = (hidden * pm).sum(1) / denom if fast_pool else model.pool(hidden, mask)
+        ctx = {}
+
+        def prepare(hidden, mask, lmask):  # the layers' context (and the mean-pooling mask) of the current rows
+            ctx["lmask"] = lmask
+            if fast_pool:  # MultiExitEncoder.pool's mean pooling, its mask and denominator computed once
+                ctx["pm"] = pm = mask.unsqueeze(-1).to(hidden.dtype)
+                ctx["denom"] = pm.sum(1).clamp(min=1.0)
+
+        def step(l, hidden, mask):
+            hidden = model.run_layer(l, hidden, ctx["lmask"])
+            pooled = (hidden * ctx["pm"]).sum(1) / ctx["denom"] if fast_pool else model.pool(hidden, mask)
             logits = F.linear(pooled, *heads[l]) if heads else model.classify(l, pooled)
-            logp = torch.log_softmax(logits.float(), -1)
+            return hidden, pooled.float().numpy(), torch.log_softmax(logits.float(), -1).numpy()
+
+        def shrink(hidden, mask, keep, cols):
+            keep = torch.from_numpy(keep)
+            hidden, mask = hidden[keep], mask[keep]
+            if cols is not None:
+                hidden, mask = hidden[:, cols[0]:cols[1]], mask[:, cols[0]:cols[1]]
+            prepare(hidden, mask, model.layer_mask(hidden, mask))
+            return hidden, mask
+
+        prepare(hidden, attention_mask, lmask)
+        return self.exit_loop(hidden, attention_mask, step, shrink)
+
+    def exit_loop(self, hidden, mask, step, shrink) -> tuple[np.ndarray, np.ndarray, int]:
+        """The early-exit bookkeeping every runtime shares: after each layer the policy is asked, exited rows
+        leave the batch (and padding columns no remaining row needs are cut when ``trim_padding``).
+
+        ``step(l, hidden, mask) -> (hidden, pooled [B, H], log_probs [B, C])`` runs layer ``l`` and its
+        classifier (pooled and log_probs as numpy float32); ``shrink(hidden, mask, keep, cols)`` keeps the
+        rows ``keep`` (int indices) and the columns ``cols = (lo, hi)`` (None: all). ``hidden`` and ``mask``
+        are the runtime's own arrays; ``mask`` must convert with ``np.asarray``.
+        """
+        policy, L, c = self.policy, self.num_layers, len(self.label_names)
+        needs_states = getattr(policy, "needs_states", True)
+        b = mask.shape[0]
+        rows = np.arange(b)  # original row of each row still in the batch
+        out_logp = np.empty((b, c), dtype=np.float32)
+        out_exit = np.empty(b, dtype=np.int64)
+        hist_logp = np.empty((b, L, c), dtype=np.float32)  # history of the rows still in the batch
+        hist_states = None
+        for l in range(L):
+            hidden, pooled, logp = step(l, hidden, mask)
             if l == L - 1:
                 out_logp[rows], out_exit[rows] = logp, L
-                return out_logp.numpy(), out_exit.numpy(), L
+                return out_logp, out_exit, L
             hist_logp[:, l] = logp
             if needs_states:
-                hist_states[:, l] = pooled.float()
-            st = hist_states[:, : l + 1].numpy() if needs_states else None
-            ex = np.asarray(policy.exit_at_layer(l, st, hist_logp[:, : l + 1].numpy()), dtype=bool)
+                if hist_states is None:
+                    hist_states = np.empty((b, L, pooled.shape[-1]), dtype=np.float32)
+                hist_states[:, l] = pooled
+            st = hist_states[:, : l + 1] if needs_states else None
+            ex = np.asarray(policy.exit_at_layer(l, st, hist_logp[:, : l + 1]), dtype=bool)
             if ex.shape != (rows.shape[0],):
                 raise ValueError(f"policy {policy!r} returned exit decisions of shape {ex.shape}, "
                                  f"expected ({rows.shape[0]},)")
             if not ex.any():
                 continue
-            ex_t = torch.from_numpy(ex)
-            out_logp[rows[ex_t]], out_exit[rows[ex_t]] = logp[ex_t], l + 1
+            out_logp[rows[ex]], out_exit[rows[ex]] = logp[ex], l + 1
             if ex.all():
-                return out_logp.numpy(), out_exit.numpy(), l + 1
-            keep = torch.from_numpy(np.flatnonzero(~ex))
-            rows, hidden, mask, hist_logp = rows[keep], hidden[keep], mask[keep], hist_logp[keep]
+                return out_logp, out_exit, l + 1
+            keep = np.flatnonzero(~ex)
+            rows, hist_logp = rows[keep], hist_logp[keep]
             if needs_states:
                 hist_states = hist_states[keep]
+            cols = None
             if self.trim_padding:
-                cols = torch.nonzero(mask.any(0)).squeeze(1)
-                lo, hi = int(cols[0]), int(cols[-1]) + 1
-                if hi - lo < mask.shape[1]:
-                    hidden, mask = hidden[:, lo:hi], mask[:, lo:hi]
-            lmask = model.layer_mask(hidden, mask)
-            if fast_pool:
-                pm = mask.unsqueeze(-1).to(hidden.dtype)
-                denom = pm.sum(1).clamp(min=1.0)
+                used = np.flatnonzero(np.asarray(mask)[keep].any(0))
+                if used[-1] + 1 - used[0] < mask.shape[1]:
+                    cols = (int(used[0]), int(used[-1]) + 1)
+            hidden, mask = shrink(hidden, mask, keep, cols)
         raise AssertionError("unreachable: the last layer always exits")
 
 

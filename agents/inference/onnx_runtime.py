@@ -1,0 +1,346 @@
+"""Early-exit inference in ONNX Runtime: one graph per layer, rows leaving the batch as in PyTorch.
+
+    clf = OnnxEarlyExitClassifier.from_checkpoint(ckpt_dir, policy, threads=1)   # export cached under runs/onnx
+    clf = EarlyExitClassifier.from_run(run_dir, runtime="onnx")                    # the same through the base class
+    res = clf.predict(texts, batch_size=32)                                        # PredictResult, as in PyTorch
+    logp = clf.graphs.full_depth(input_ids, attention_mask)                        # the whole model in one graph
+
+Why: on short inputs Python and framework overhead per layer is a large share of PyTorch eager's
+time, so the optimised full-depth runtime a user already has (the whole model exported to ONNX
+Runtime) beats early exit in PyTorch. Here every piece the early-exit loop calls runs in ONNX
+Runtime, one :class:`onnxruntime.InferenceSession` per graph:
+
+- ``embed.onnx``: ``(input_ids, attention_mask[, token_type_ids]) -> hidden`` (the family's embeddings);
+- ``layer_<l>.onnx``: ``(hidden, attention_mask) -> (hidden, pooled, log_probs)``: the family's layer
+  context built inside the graph from the mask (MPNet's relative position bias, Llama's rotary
+  positions and causal mask are part of it), layer ``l``, pooling and the internal classifier;
+- ``full.onnx``: the whole full-depth model (embeddings, all layers, last classifier) -> log_probs:
+  the fastest full-depth option, the reference early exit is timed against.
+
+Batch and sequence axes are dynamic. The exit decision stays the policy's own
+:meth:`~agents.policies.ExitPolicy.exit_at_layer` in numpy on the same histories as the PyTorch
+path (:meth:`EarlyExitClassifier.exit_loop` is shared), so exits equal the PyTorch path's and the
+evaluator's unless a log-probability lies within float rounding (~1e-6) of a threshold.
+
+Graphs are exported with the TorchScript-based ``torch.onnx.export`` (``dynamo=False``: it needs
+no onnxscript and traces these models with dynamic axes), checked once against PyTorch on a
+second batch of another shape (a shape baked into a graph would be caught there), and cached in
+``runs/onnx/<checkpoint>-<weights sha256[:16]>/`` with ``onnx.json``: the sha256 of the checkpoint
+weights they were made from and of every ``.onnx`` file, checked on load; a mismatching or
+incomplete export is rebuilt (it is derived data, like the layer caches).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.inference.early_exit_model import EarlyExitClassifier
+from agents.policies import StaticExit
+from backbones.files import claim, read_json, sha256_file, stored_path, write_json
+
+__all__ = ["OnnxGraphs", "OnnxEarlyExitClassifier", "export_graphs", "ensure_export", "export_folder"]
+
+FORMAT = 1
+RECORD = "onnx.json"
+OPSET = 17
+EXPORT_ATOL = 1e-4  # an exported graph must reproduce PyTorch within this on a batch it was not traced on
+
+
+# --------------------------------------------------------------------------- the graphs, as torch modules
+class _Embed(nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model.embed(input_ids, attention_mask, token_type_ids)[0]
+
+
+class _Layer(nn.Module):
+    """One layer and its exit: the context is rebuilt from the mask inside the graph."""
+
+    def __init__(self, model, l: int) -> None:
+        super().__init__()
+        self.model, self.l = model, l
+
+    def forward(self, hidden, attention_mask):
+        m = self.model
+        hidden = m.run_layer(self.l, hidden, m.layer_mask(hidden, attention_mask))
+        pooled = m.pool(hidden, attention_mask)
+        return hidden, pooled.float(), torch.log_softmax(m.classify(self.l, pooled).float(), -1)
+
+
+class _Full(nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        m = self.model
+        hidden, ctx = m.embed(input_ids, attention_mask, token_type_ids)
+        for l in range(m.num_layers):
+            hidden = m.run_layer(l, hidden, ctx)
+        return torch.log_softmax(m.classify(m.num_layers - 1, m.pool(hidden, attention_mask)).float(), -1)
+
+
+_BT = {0: "batch", 1: "seq"}
+_B = {0: "batch"}
+
+
+def _example(model, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """Token ids with ragged right padding (the last row shorter), so masks are traced as masks."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(getattr(model.encoder.config, "vocab_size", 100))
+    ids = torch.randint(min(5, vocab - 1), vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, max(1, seq // 2):] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
+    module.eval()  # (export restores the module's mode afterwards, recursively: a train-mode wrapper would
+    #                 leave the model in train mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes, checked below
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
+                          output_names=outputs, dynamic_axes={k: v for k, v in axes.items() if k in inputs + outputs})
+
+
+def graph_names(num_layers: int) -> list[str]:
+    return ["embed.onnx", *(f"layer_{l}.onnx" for l in range(num_layers)), "full.onnx"]
+
+
+@torch.inference_mode(False)
+@torch.no_grad()
+def export_graphs(model, folder: str | os.PathLike) -> dict[str, str]:
+    """Export ``model`` (a :class:`~backbones.multiexit.MultiExitEncoder`) into ``folder`` and check each graph
+    against PyTorch on a batch of another shape; returns ``{file name: sha256}``. Raises ``RuntimeError`` if
+    a graph does not reproduce PyTorch (within :data:`EXPORT_ATOL`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        ex = _example(model, 2, 9, 0)
+        hidden = model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])[0]
+        axes = {"input_ids": _BT, "attention_mask": _BT, "token_type_ids": _BT, "hidden": _BT,
+                "hidden_out": _BT, "pooled": _B, "log_probs": _B}
+        tok_in = ["input_ids", "attention_mask", "token_type_ids"]
+        tok_args = (ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
+        _export(_Embed(model), tok_args, folder / "embed.onnx", tok_in, ["hidden"], axes)
+        for l in range(model.num_layers):
+            _export(_Layer(model, l), (hidden, ex["attention_mask"]), folder / f"layer_{l}.onnx",
+                    ["hidden", "attention_mask"], ["hidden_out", "pooled", "log_probs"], axes)
+        _export(_Full(model), tok_args, folder / "full.onnx", tok_in, ["log_probs"], axes)
+        _check_export(model, folder)
+    finally:
+        model.train(was_training)
+    return {name: sha256_file(folder / name) for name in graph_names(model.num_layers)}
+
+
+def _check_export(model, folder: Path) -> None:
+    """Each graph against PyTorch on a batch of a shape it was not traced on (3 rows, 13 tokens)."""
+    g = OnnxGraphs(folder, model.num_layers, threads=1)
+    ex = _example(model, 3, 13, 1)
+    real = ex["attention_mask"].bool().numpy()
+    hidden, ctx = model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
+    np_in = {k: v.numpy() for k, v in ex.items()}
+    got = g.embed(np_in["input_ids"], np_in["attention_mask"], np_in["token_type_ids"])
+    pairs = [("embed.onnx", got[real], hidden.numpy()[real])]
+    h = hidden
+    for l in range(model.num_layers):
+        want = _Layer(model, l).eval()(h, ex["attention_mask"])
+        out = g.layer(l, h.numpy(), np_in["attention_mask"])
+        pairs += [(f"layer_{l}.onnx", out[0][real], want[0].numpy()[real]),
+                  (f"layer_{l}.onnx", out[1], want[1].numpy()), (f"layer_{l}.onnx", out[2], want[2].numpy())]
+        h = want[0]
+    want = _Full(model).eval()(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
+    pairs.append(("full.onnx", g.full_depth(np_in["input_ids"], np_in["attention_mask"], np_in["token_type_ids"]),
+                  want.numpy()))
+    for name, a, b in pairs:
+        err = float(np.abs(a - b).max()) if a.size else 0.0
+        if not err <= EXPORT_ATOL * max(1.0, float(np.abs(b).max())):
+            raise RuntimeError(f"the exported {name} differs from PyTorch by {err:.3g} on a batch of another shape "
+                               f"(3 x 13); this architecture does not export with dynamic axes")
+
+
+# --------------------------------------------------------------------------- sessions
+class OnnxGraphs:
+    """The exported graphs of one model, one ONNX Runtime session each (``threads`` intra-op threads; None:
+    ONNX Runtime's default, all physical cores)."""
+
+    def __init__(self, folder: str | os.PathLike, num_layers: int, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.folder, self.num_layers, self.threads = Path(folder), num_layers, threads
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3
+
+        def session(name):
+            return ort.InferenceSession(str(self.folder / name), sess_options=opts, providers=["CPUExecutionProvider"])
+
+        self._embed = session("embed.onnx")
+        self._layers = [session(f"layer_{l}.onnx") for l in range(num_layers)]
+        self._full = session("full.onnx")
+        self._embed_in = {i.name for i in self._embed.get_inputs()}
+        self._full_in = {i.name for i in self._full.get_inputs()}
+
+    @staticmethod
+    def _feed(names: set[str], input_ids, attention_mask, token_type_ids) -> dict[str, np.ndarray]:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in names:  # what BERT's embeddings do without token types: zeros
+            feed["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
+        return {k: v for k, v in feed.items() if k in names}
+
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> np.ndarray:
+        return self._embed.run(None, self._feed(self._embed_in, input_ids, attention_mask, token_type_ids))[0]
+
+    def layer(self, l: int, hidden: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+        """Layer ``l`` (0-based) and its exit: [hidden, pooled, log_probs]."""
+        return self._layers[l].run(None, {"hidden": hidden, "attention_mask": attention_mask})
+
+    def full_depth(self, input_ids, attention_mask, token_type_ids=None) -> np.ndarray:
+        """The whole full-depth model in one graph: log-probs of the last classifier [B, C]."""
+        return self._full.run(None, self._feed(self._full_in, input_ids, attention_mask, token_type_ids))[0]
+
+
+# --------------------------------------------------------------------------- the cached export of a checkpoint
+def export_folder(checkpoint: str | os.PathLike, weights_sha: str) -> Path:
+    from backbones.paths import runs_dir
+
+    return runs_dir() / "onnx" / f"{Path(checkpoint).name}-{weights_sha[:16]}"
+
+
+def _usable(folder: Path, weights_sha: str) -> str | None:
+    """Why the export in ``folder`` cannot be used (None: it can)."""
+    if not (folder / RECORD).is_file():
+        return "no record"
+    try:
+        rec = read_json(folder / RECORD, "")
+    except ValueError as e:
+        return str(e)
+    if rec.get("format") != FORMAT:
+        return f"format {rec.get('format')} != {FORMAT}"
+    if rec.get("weights_sha256") != weights_sha:
+        return "made from other checkpoint weights"
+    files = rec.get("files", {})
+    if not isinstance(rec.get("num_layers"), int) or sorted(files) != sorted(graph_names(rec["num_layers"])):
+        return f"{RECORD} does not list the graphs of a model"
+    for name, sha in files.items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(folder / name) != sha:
+            return f"{name} does not match the sha256 in {RECORD} (corrupt or modified)"
+    return None
+
+
+def ensure_export(checkpoint: str | os.PathLike, model=None, rebuild: bool = False, quiet: bool = False) -> Path:
+    """The checked ONNX export of a checkpoint, exported on first use (or again when the cached one does not
+    match its record or the checkpoint's weights).
+
+    The checkpoint's weights are checked against the sha256 its multiexit.json records (a modified
+    checkpoint is refused: :class:`~backbones.files.IntegrityError`); ``model`` is the loaded checkpoint,
+    if the caller has it."""
+    from backbones.multiexit import MultiExitEncoder, read_config, weights_sha256
+
+    ckpt = Path(checkpoint)
+    sha = weights_sha256(ckpt)
+    folder = export_folder(ckpt, sha)
+    if not rebuild and _usable(folder, sha) is None:
+        return folder
+    with claim(folder, f"the ONNX export of {ckpt}"):  # a second process waits, then uses it
+        why = "rebuild asked" if rebuild else _usable(folder, sha)
+        if why is None:
+            return folder
+        model = model if model is not None else MultiExitEncoder.load(ckpt)
+        if not quiet:
+            print(f"exporting {ckpt} to ONNX ({model.num_layers} layers) -> {folder}"
+                  + ("" if why == "no record" else f" (the export there is unusable: {why})"), file=sys.stderr)
+        (folder / RECORD).unlink(missing_ok=True)  # no record while the graphs are being replaced
+        files = export_graphs(model, folder)
+        import onnxruntime
+
+        write_json(folder / RECORD, {
+            "format": FORMAT, "checkpoint": stored_path(ckpt), "weights_sha256": sha,
+            "num_layers": model.num_layers, "pooling": read_config(ckpt)["pooling"], "opset": OPSET,
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "files": files}, indent=2)
+    return folder
+
+
+def load_graphs(checkpoint: str | os.PathLike, model=None, threads: int | None = None,
+                rebuild: bool = False) -> OnnxGraphs:
+    """Sessions over the checked export of ``checkpoint`` (exported first if needed)."""
+    folder = ensure_export(checkpoint, model, rebuild)
+    return OnnxGraphs(folder, int(json.loads((folder / RECORD).read_text())["num_layers"]), threads)
+
+
+# --------------------------------------------------------------------------- the classifier
+class OnnxEarlyExitClassifier(EarlyExitClassifier):
+    """:class:`EarlyExitClassifier` with every layer, pooling and classifier in ONNX Runtime.
+
+    Same interface (``predict``, ``classify_batch``, ``from_checkpoint``, ``from_run``); ``graphs`` are
+    the sessions (:class:`OnnxGraphs`). The PyTorch model is kept for its configuration (and is what
+    the graphs were exported from)."""
+
+    runtime = "onnx"
+
+    def __init__(self, model, tokenizer, policy, graphs: OnnxGraphs, trim_padding: bool = True) -> None:
+        super().__init__(model, tokenizer, policy, trim_padding)
+        if graphs.num_layers != self.num_layers:
+            raise ValueError(f"the ONNX graphs in {graphs.folder} have {graphs.num_layers} layers, the model "
+                             f"{self.num_layers}")
+        self.graphs = graphs
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, policy, threads: int | None = None, rebuild: bool = False,
+                        **kw) -> "OnnxEarlyExitClassifier":
+        from backbones.multiexit import MultiExitEncoder, load_tokenizer
+
+        ckpt = Path(checkpoint)
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
+        kw.pop("runtime", None)
+        model = MultiExitEncoder.load(ckpt)
+        clf = cls(model, load_tokenizer(ckpt), policy, load_graphs(ckpt, model, threads, rebuild), **kw)
+        clf.checkpoint = ckpt
+        return clf
+
+    def classify_batch(self, input_ids, attention_mask, token_type_ids=None) -> tuple[np.ndarray, np.ndarray, int]:
+        """One padded batch (torch tensors or numpy arrays): log-probs at the exit layer [B, C], exit layers
+        [B] (1-based), layer calls made."""
+        ids, mask = _np(input_ids), _np(attention_mask)
+        g = self.graphs
+        hidden = g.embed(ids, mask, None if token_type_ids is None else _np(token_type_ids))
+        if type(self.policy) is StaticExit:  # reads no outputs: k layers, the k-th classifier
+            k = min(max(int(self.policy.k), 1), self.num_layers)
+            for l in range(k):
+                hidden, _, logp = g.layer(l, hidden, mask)
+            return logp, np.full(ids.shape[0], k, dtype=np.int64), k
+
+        def step(l, hidden, mask):
+            return g.layer(l, hidden, mask)
+
+        def shrink(hidden, mask, keep, cols):
+            hidden, mask = hidden[keep], mask[keep]
+            if cols is not None:
+                hidden, mask = hidden[:, cols[0]:cols[1]], mask[:, cols[0]:cols[1]]
+            return np.ascontiguousarray(hidden), np.ascontiguousarray(mask)
+
+        return self.exit_loop(hidden, mask, step, shrink)
+
+
+def _np(x) -> np.ndarray:
+    a = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return np.ascontiguousarray(a, dtype=np.int64)

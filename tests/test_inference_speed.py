@@ -1,0 +1,68 @@
+"""benchmarks.inference_speed: the deployed checkpoint by default, both runtimes, an unmeasurable task is an error."""
+import json
+import shutil
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the benchmark times ONNX Runtime: pip install -e '.[fast]' (make setup)")
+
+from benchmarks import inference_speed as B  # noqa: E402
+from tests.test_inference import N_DEV, tiny  # noqa: E402,F401
+
+DEPLOYED_RTE = "RTE-all-MiniLM-L6-v2-mean-eq1-s0-holdout0.3"  # the holdout protocol's RTE checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_without_a_checkpoint_the_task_is_an_error_naming_the_deployed_one(tmp_runs, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    with pytest.raises(SystemExit) as e:
+        B.main(["--tasks", "RTE", "--rules", "static-3", "--out", str(out), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert DEPLOYED_RTE in err and "python -m backbones.train --task RTE --holdout 0.3" in err
+    assert not out.exists() or not json.loads(out.read_text())["complete"]
+
+
+def test_no_policy_run_times_the_deployed_checkpoint_in_both_runtimes(tiny, tmp_runs, tmp_path, capsys):
+    from backbones.train import TrainConfig
+
+    deployed = tmp_runs / "stage1" / DEPLOYED_RTE
+    shutil.copytree(tiny["ckpt"], deployed)  # stands in for the protocol's RTE checkpoint
+    (deployed / "metrics.json").write_text("{}")
+    (deployed / "train_config.json").write_text(json.dumps(asdict(TrainConfig(task="RTE", holdout=0.3).resolved())))
+    out = tmp_path / "speed.json"
+    B.main(["--tasks", "RTE", "--dev-file", str(tiny["dev"]), "--rules", "static-2", "patience:1",
+            "--batch-sizes", "1", "4", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    rec = json.loads(out.read_text())
+    assert rec["complete"] and [r["task"] for r in rec["results"]] == ["RTE"]
+    pols = rec["results"][0]["policies"]
+    assert set(pols) == {"static-2", "pabee-1"}
+    for p in pols.values():
+        assert p["checkpoint"].endswith(DEPLOYED_RTE)
+        for bs in ("1", "4"):
+            b = p["batch"][bs]
+            assert set(b["seconds"]) == {"torch:full", "torch:full-hf", "torch:ee", "torch:ee-never",
+                                         "onnx:full", "onnx:ee", "onnx:ee-never"}
+            for rt in ("torch", "onnx"):
+                assert b["agree_with_evaluator"][rt] == {"preds": N_DEV, "exit_layers": N_DEV, "n": N_DEV}
+                r = b["runtime"][rt]
+                assert r["ratio_to_predicted"] == pytest.approx(r["speedup"] / p["predicted_speedup"])
+                assert r["speedup"] == pytest.approx(b["seconds"][f"{rt}:full"] / b["seconds"][f"{rt}:ee"])
+            assert b["onnx_vs_torch_max_abs_log_prob_diff"] < 1e-4
+    assert np.isclose(pols["static-2"]["predicted_speedup"], 3 / 2)
+    assert "onnx full depth is" in capsys.readouterr().out
+
+
+def test_a_runtime_it_does_not_know_is_a_usage_error(tmp_runs, capsys):
+    with pytest.raises(SystemExit) as e:
+        B.main(["--tasks", "RTE", "--runtime", "tvm"])
+    assert e.value.code == 2 and "--runtime takes one or more of torch, onnx" in capsys.readouterr().err
