@@ -144,13 +144,16 @@ class MultiExitEncoder(nn.Module):
         """Apply layer ``l`` (0-based) to the token states."""
         return self.family.run_layer(l, hidden, layer_mask)
 
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, finished: bool = False) -> torch.Tensor:
+        """The state the exits read; ``finished``: ``hidden`` already went through the family's ``finish``
+        (a decoder's own forward returns its last layer after the final norm)."""
         if self.config.pooling == "cls":
             return self.pooler(hidden[:, 0])
         if self.config.pooling == "last":  # the last non-padding token (either padding side)
             pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
             idx = (attention_mask.to(torch.long) * (pos + 1)).argmax(1)
-            return self.family.finish(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+            return last if finished else self.family.finish(last)
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 

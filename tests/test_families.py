@@ -111,6 +111,9 @@ def test_multi_exit_forward_and_early_exit_inference_agree(kind):
         logits, states = model(ids, mask, return_states=True)
         assert logits.shape == (3, 3, 3) and states.shape == (3, 3, 32)
         torch.testing.assert_close(full_depth_logits(model, ids, mask), logits[:, -1], atol=1e-5, rtol=1e-4)
+        # the model's own forward (a decoder's ends with its final norm) gives the same logits
+        torch.testing.assert_close(full_depth_logits(model, ids, mask, plain_forward=True), logits[:, -1],
+                                   atol=1e-5, rtol=1e-4)
     logp = torch.log_softmax(logits, -1).numpy()
     rule = MaxProbExit(threshold=float(np.median(np.exp(logp[:, 0]).max(-1))))
     decide = np.ones((3, 3), dtype=bool)  # what the evaluator's exit_mask computes from cached outputs

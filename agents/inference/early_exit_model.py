@@ -324,7 +324,8 @@ def full_depth_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         hidden, lmask = model.embed(input_ids, attention_mask, token_type_ids)
         for l in range(model.num_layers):
             hidden = model.run_layer(l, hidden, lmask)
-    return model.classify(model.num_layers - 1, model.pool(hidden, attention_mask))
+    # the model's own forward ends with a decoder's final norm, which pooling applies to stepped states
+    return model.classify(model.num_layers - 1, model.pool(hidden, attention_mask, finished=plain_forward))
 
 
 def _linear_heads(model) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:

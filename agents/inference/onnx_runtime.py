@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.inference.early_exit_model import EarlyExitClassifier
+from agents.inference.early_exit_model import EarlyExitClassifier, full_depth_logits
 from agents.policies import StaticExit
 from backbones.files import claim, read_json, sha256_file, stored_path, write_json
 
@@ -83,11 +83,7 @@ class _Full(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        m = self.model
-        hidden, ctx = m.embed(input_ids, attention_mask, token_type_ids)
-        for l in range(m.num_layers):
-            hidden = m.run_layer(l, hidden, ctx)
-        return torch.log_softmax(m.classify(m.num_layers - 1, m.pool(hidden, attention_mask)).float(), -1)
+        return torch.log_softmax(full_depth_logits(self.model, input_ids, attention_mask, token_type_ids).float(), -1)
 
 
 _BT = {0: "batch", 1: "seq"}

@@ -25,13 +25,12 @@ from torch import nn
 
 
 class Family:
-    """One architecture family. Subclasses set ``model_types`` and ``default_pooling`` and fill in
+    """One architecture family. Subclasses set ``model_types`` (and ``decoder``) and fill in
     :meth:`layers`, :meth:`embed_tokens` and :meth:`run_layer` (and :meth:`context` if their layers
     need more than the bidirectional attention mask)."""
 
     model_types: tuple[str, ...] = ()
-    default_pooling: str = "cls"
-    decoder: bool = False
+    decoder: bool = False  # decoders pool the last token ("last"), after finish()
 
     def __init__(self, base: nn.Module) -> None:
         self.base = base
@@ -66,9 +65,6 @@ class Family:
 
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
-
-    def has_pooler(self) -> bool:
-        return getattr(self.base, "pooler", None) is not None
 
 
 def _first(out):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from backbones.families import Family
+from backbones.families import Family, _first
 
 
 class LlamaFamily(Family):
     model_types = ("llama", "mistral", "qwen2")
-    default_pooling = "last"
     decoder = True
 
     def layers(self):
@@ -28,11 +27,7 @@ class LlamaFamily(Family):
 
     def run_layer(self, l, hidden, ctx):
         mask, rope, pos = ctx
-        out = self.layers()[l](hidden, attention_mask=mask, position_embeddings=rope, position_ids=pos)
-        return out[0] if isinstance(out, tuple) else out
+        return _first(self.layers()[l](hidden, attention_mask=mask, position_embeddings=rope, position_ids=pos))
 
     def finish(self, hidden):
         return self.base.norm(hidden)
-
-    def has_pooler(self) -> bool:
-        return False
