@@ -47,7 +47,7 @@ from agents import reinforce
 from agents.evaluate import EvalResult
 from agents.policies import StaticExit
 from backbones.cli import UserError, parse, user_errors
-from backbones.files import claim, read_json, resolve_stored, save_npy, stored_path, write_json
+from backbones.files import claim, read_json, resolve_stored, save_npy, stored_path, write_json, write_with
 from backbones.paths import runs_dir
 from cee_env.cache import LayerCache, get_cache
 from cee_env.hardness import forgetting_events, memorized_layer, table1_correlation
@@ -298,7 +298,7 @@ def _plot_fig2(fig2: dict, path: Path, task: str) -> None:
     axes[0].set_ylabel("accuracy on all instances (%)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 

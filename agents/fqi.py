@@ -38,7 +38,7 @@ from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from agents.reinforce import log_eval, make_caches, print_summary, register_task_file
 from agents.runtime import DataArgs, check_inputs, policy_record, run_folders, run_name, torch_threads
 from backbones.cli import parse, user_errors
-from backbones.files import write_json
+from backbones.files import summary_writer, write_json
 from cee_env.cache import LayerCache
 from cee_env.env import check_env_args
 
@@ -198,9 +198,7 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
         nets, _ = fit_q(obs, rew, args)
         policy = LearnedExit(as_policy(nets, args.obs, args.tau), name="fqi")
         seconds = time.time() - t0
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(tb_dir))
+    writer = summary_writer(tb_dir)
     results = {"args": asdict(args), "train_split": train_cache.split, "train_instances": n,
                "train_seconds": round(seconds, 1), "episodes": int(n * L),
                "env_steps": int(n * L * (L + 1) // 2), "mean_exit_reward_by_layer": rew.mean(0).tolist()}

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents.runtime import DataArgs, check_inputs, policy_record, run_folders, run_name, torch_threads
 from backbones.cli import parse, user_errors
-from backbones.files import claim, write_json
+from backbones.files import claim, summary_writer, write_json
 from agents.evaluate import EvalResult, evaluate
 from agents.policies import LayerMLPPolicy, LearnedExit, OracleExit, StaticExit
 from agents.rl.losses import reinforce_loss
@@ -177,10 +177,7 @@ def _train(args: Args, caches: dict[str, LayerCache], name: str, run_dir: Path, 
     net.set_normaliser(envs.unwrapped.tables.obs)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     policy = LearnedExit(net)
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(tb_dir))
+    writer = summary_writer(tb_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     updates_per_epoch = int(np.ceil(n / args.batch_size))

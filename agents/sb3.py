@@ -43,7 +43,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents.runtime import DataArgs, check_inputs, policy_record, run_folders, run_name, thin
-from backbones.files import write_json
+from backbones.files import summary_writer, write_json
 from agents.evaluate import evaluate
 from agents.policies import ExitPolicy, OracleExit, StaticExit
 from agents.reinforce import log_eval, make_caches, print_summary, register_task_file
@@ -401,10 +401,8 @@ def train(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     try:
         venv = make_train_env(args, train_cache)
         model = ALGOS[args.algo]("MlpPolicy", venv, seed=args.seed, device=args.device, verbose=0, **algo_kwargs(args))
+        writer = summary_writer(tb_dir)  # (first: an unwritable folder is named before SB3 touches it)
         model.set_logger(configure(str(tb_dir), ["tensorboard"]))
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(tb_dir))
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
         make_policy = lambda: SB3Exit.from_vec_env(model, venv, L, args.obs_bound, f"sb3-{args.algo}", args.obs)  # noqa: E731
         cb = ExitLogger(writer, make_policy, dev_cache, log_every=max(args.n_envs, args.total_timesteps // 200),

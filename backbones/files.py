@@ -293,3 +293,13 @@ def claim(folder: str | os.PathLike, what: str = "") -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def summary_writer(folder: str | os.PathLike):
+    """A TensorBoard ``SummaryWriter`` on ``folder``; an unwritable folder is a :class:`WriteError` naming it,
+    raised before any work starts, not a traceback from inside TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    check_writable(folder)
+    with write_errors(folder):
+        return SummaryWriter(str(folder))

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from backbones import tasks as T
 from backbones.cli import UserError, one_line, parse, user_errors
 from backbones.data import Encoded, length_grouped_order, model_inputs, run_all_layers
-from backbones.files import claim, read_json, save_npy, write_json
+from backbones.files import claim, read_json, save_npy, summary_writer, write_json
 from backbones.multiexit import (WEIGHTS_NAME, MultiExitEncoder, default_pooling, load_tokenizer, resolve_device,
                                  weighted_exit_loss)
 from backbones.paths import DEFAULT_ENCODER, resolve_model, runs_dir
@@ -335,11 +335,9 @@ def _train(c: TrainConfig, acc, out: Path, splits, objective: Objective | None) 
 
     writer = None
     if acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", asdict(c), indent=2)
-        writer = SummaryWriter(str(runs_dir() / "tb" / "stage1" / tb_name(out)))
+        writer = summary_writer(runs_dir() / "tb" / "stage1" / tb_name(out))
 
     def save_state(epoch: int, step_in_epoch: int, global_step: int) -> None:
         """Write the state to state.new/ (progress.json last), then swap it for state/: an interruption

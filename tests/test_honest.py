@@ -266,3 +266,16 @@ def test_a_failed_write_is_one_line_naming_the_path(ckpt, tmp_path, monkeypatch,
     assert not out.exists() and not list(tmp_path.glob(".p.tsv*"))  # no half-written or temporary file left
     with pytest.raises(WriteError, match="the disk is full"):
         write_json(tmp_path / "p.tsv", {})
+
+
+def test_tensorboard_folder_that_cannot_be_written_is_named_before_any_work(tmp_path):
+    from backbones.files import WriteError, summary_writer
+
+    blocker = tmp_path / "tb"
+    blocker.write_text("a file where the TensorBoard folder should be")
+    with pytest.raises(WriteError, match=f"cannot write {blocker / 'run'}: {blocker} is a file"):
+        summary_writer(blocker / "run")
+    w = summary_writer(tmp_path / "ok" / "run")  # a folder that can be created is fine
+    w.add_scalar("x", 1.0, 0)
+    w.close()
+    assert list((tmp_path / "ok" / "run").glob("events.out.tfevents.*"))
