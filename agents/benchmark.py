@@ -326,35 +326,55 @@ def repeated_crossfit(make_fit, caches: dict[str, LayerCache], fold_sets: list[l
     return {s: np.mean([o[s] for o in outs], axis=0) for s in outs[0]}
 
 
+def _learner_args(task: str, spec: str, alpha: float, cfg: BenchmarkConfig, j: int, repeat: int = 0):
+    """The Args of knob path (``spec``, ``alpha``)'s model ``j`` (``j == calib_folds``: the refit, deployed one)
+    and the runs/ subfolder its learner writes to."""
+    algo, obs, reward = parse_learner(spec)
+    rep = f"r{repeat}" if repeat else ""
+    name = f"benchmark-{task}-{algo}-{obs}-{reward}-a{alpha:g}-f{j}of{cfg.calib_folds}{rep}-s{cfg.seed}"
+    if algo == "reinforce":
+        from agents.reinforce import Args
+
+        args = Args(env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), epochs=cfg.epochs,
+                    seed=cfg.seed + j, eval_every=10 ** 9, quiet=True, run_name=name, torch_threads=cfg.threads)
+    elif algo == "fqi":
+        from agents.fqi import Args
+
+        args = Args(env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), seed=cfg.seed + j,
+                    quiet=True, run_name=name, torch_threads=cfg.threads)
+    else:
+        from agents.sb3 import Args
+
+        args = Args(algo=algo, env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), seed=cfg.seed + j,
+                    total_timesteps=cfg.sb3_steps, eval_every=0, quiet=True, run_name=name,
+                    torch_threads=cfg.threads)
+    return args, ("sb3" if algo not in ("reinforce", "fqi") else algo)
+
+
+def _keyed(args, train: LayerCache, sub: str):
+    """(args with the run name keyed by settings and training rows, its run folder, the key)."""
+    from backbones.paths import runs_dir
+
+    key = _fit_key(args, train)
+    args = replace(args, run_name=f"{args.run_name}-{key[:10]}")  # runs on other training rows get their own folder
+    return args, runs_dir() / sub / args.run_name, key
+
+
 def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig, repeat: int = 0):
     from backbones.files import write_json
-    from backbones.paths import model_suffix, runs_dir
 
-    algo, obs, reward = parse_learner(spec)
+    algo = parse_learner(spec)[0]
 
     def fit(train: LayerCache, held: LayerCache, j: int):
-        rep = f"r{repeat}" if repeat else ""
-        name = f"benchmark-{task}-{algo}-{obs}-{reward}-a{alpha:g}-f{j}of{cfg.calib_folds}{rep}-s{cfg.seed}"
         caches = {"train": train, "dev": held}
         if algo == "reinforce":
-            from agents.reinforce import Args, train as fit_policy
-
-            args = Args(env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), epochs=cfg.epochs,
-                        seed=cfg.seed + j, eval_every=10 ** 9, quiet=True, run_name=name, torch_threads=cfg.threads)
+            from agents.reinforce import train as fit_policy
         elif algo == "fqi":
-            from agents.fqi import Args, train as fit_policy
-
-            args = Args(env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), seed=cfg.seed + j,
-                        quiet=True, run_name=name, torch_threads=cfg.threads)
+            from agents.fqi import train as fit_policy
         else:
-            from agents.sb3 import Args, train as fit_policy
-
-            args = Args(algo=algo, env=_env_id(task), obs=obs, reward=reward, alpha=float(alpha), seed=cfg.seed + j,
-                        total_timesteps=cfg.sb3_steps, eval_every=0, quiet=True, run_name=name,
-                        torch_threads=cfg.threads)
-        key = _fit_key(args, train)
-        args = replace(args, run_name=f"{name}-{key[:10]}")  # runs on other training rows get their own folder
-        run_dir = runs_dir() / ("sb3" if algo not in ("reinforce", "fqi") else algo) / args.run_name
+            from agents.sb3 import train as fit_policy
+        args, sub = _learner_args(task, spec, alpha, cfg, j, repeat)
+        args, run_dir, key = _keyed(args, train, sub)
         policy = _reuse(run_dir, key) if cfg.reuse else None
         if policy is None:
             out = fit_policy(args, caches)
@@ -363,6 +383,22 @@ def _policy_fitter(task: str, spec: str, alpha: float, cfg: BenchmarkConfig, rep
         return lambda c: policy.exit_probs(c.states if policy.needs_states else None, c.log_probs)
 
     return fit
+
+
+def deployed_run(task: str, method: str, knob: dict, calib: LayerCache, cfg: BenchmarkConfig) -> dict | None:
+    """The run folder and exit threshold of a learned method's deployed rule (``--deploy refit``: one policy
+    refitted on all of calib), for ``agents.predict --run`` / ``benchmarks.inference_speed``; None when the
+    deployed rule is no single saved policy (other deploy modes, repeats, BERxiT) or its folder is missing."""
+    spec = method.removesuffix("+paper")
+    if cfg.deploy != "refit" or cfg.calib_repeats != 1 or spec == "berxit" or "alpha" not in knob:
+        return None
+    from backbones.files import stored_path
+
+    args, sub = _learner_args(task, spec, knob["alpha"], cfg, cfg.calib_folds)
+    _, run_dir, key = _keyed(args, calib, sub)
+    if _reuse(run_dir, key) is None:  # not there, or not the policy this benchmark fitted
+        return None
+    return {"run": stored_path(run_dir), "threshold": float(knob.get("threshold", 0.5))}
 
 
 def _lte_fitter(cfg: BenchmarkConfig):
@@ -809,6 +845,9 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
     learned = ["berxit"] + [m for s in cfg.learners for m in (s, s + "+paper")]
     rl_learned = [m for s in cfg.learners for m in (s, s + "+paper")]
     heads = {t: headline(ops[t], rl_learned) for t in tasks}
+    for t in tasks:
+        if (best := heads[t]["learned"]) is not None:
+            best["deployed"] = deployed_run(t, best["method"], best["knob"], caches_by_task[t]["calib"], cfg)
     for p in points:  # per-instance exits served the confidence intervals; not written
         p.pop("_exits", None)
     md = [f"# Learned exits vs confidence heuristics ({', '.join(tasks)})", "",

@@ -41,6 +41,7 @@ trained checkpoint, no policy) is an error, not a skipped task.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -96,9 +97,73 @@ def _run_task(run: Path) -> str | None:
     return None
 
 
+def heuristic_rule(method: str, knob: dict) -> str:
+    """agents.predict's rule string for a benchmark heuristic and its knob (the benchmark thresholds a score:
+    DeeBERT's is minus the entropy, PABEE's the patience count, exit when above)."""
+    if method == "static":
+        return f"static-{int(knob['k'])}"
+    t = float(knob["threshold"])
+    if method == "maxprob":
+        return f"maxprob:{t!r}"
+    if method == "deebert":
+        return f"entropy:{-t!r}"
+    if method == "pabee":
+        return f"patience:{0 if math.isinf(t) else math.ceil(t)}"
+    raise UserError(f"unknown heuristic {method!r} in the benchmark's results")
+
+
+def benchmark_policies(task: str, path: str | Path, dev_cache_for=None) -> list[tuple[str, object, str, Path]]:
+    """The headline rules of an ``agents.benchmark`` results.json for ``task``: the best learned policy (its
+    deployed run, with the exit threshold chosen on calib) and the best heuristic (its knob chosen on calib),
+    on the checkpoint the benchmark used. With ``dev_cache_for(checkpoint)`` (the task's dev cache), each rule
+    must score on it what the benchmark reported for dev (else its run or checkpoint changed since)."""
+    from backbones.files import read_json, resolve_stored
+
+    fix = f"--from-benchmark {path}: pass the results.json written by python -m agents.benchmark"
+    try:
+        res = read_json(path, fix)
+    except FileNotFoundError:
+        raise UserError(f"--from-benchmark {path}: no such file") from None
+    head = {t.lower(): h for t, h in res.get("headline", {}).items()}.get(task.lower())
+    if head is None:
+        raise UserError(f"--from-benchmark {path} has no {task} (it has {', '.join(res.get('headline', {})) or 'none'});"
+                        f" run python -m agents.benchmark --tasks {task}")
+    ck = {t.lower(): c for t, c in res.get("checkpoints", {}).items()}.get(task.lower())
+    if ck is None:
+        raise UserError(f"--from-benchmark {path} records no checkpoint for {task}; rerun agents.benchmark")
+    ckpt = resolve_stored(ck)
+    out = []
+    learned, heur = head.get("learned"), head.get("heuristic")
+    if learned:
+        dep = learned.get("deployed")
+        if not dep:
+            raise UserError(f"--from-benchmark {path}: {task}'s best learned rule ({learned['method']}) is no single "
+                            "saved policy (it needs agents.benchmark's default --deploy refit, one calib repeat)")
+        clf = EarlyExitClassifier.from_run(resolve_stored(dep["run"]), threshold=dep["threshold"], checkpoint=ckpt)
+        out.append((f"learned:{learned['method']}", clf.policy,
+                    f"{learned['method']} (benchmark's best learned on calib; deployed run {dep['run']}, threshold "
+                    f"{dep['threshold']:g})", ckpt))
+    if heur:
+        rule = heuristic_rule(heur["method"], heur["knob"])
+        out.append((f"heuristic:{heur['method']}", parse_rule(rule), f"rule {rule} (benchmark's best heuristic on calib)",
+                    ckpt))
+    if dev_cache_for is None:
+        return out
+    dev = dev_cache_for(ckpt)
+    for (key, policy, _, _), h in zip(out, [x for x in (learned, heur) if x]):
+        ev, want = evaluate(policy, dev), h.get("dev")
+        if want and (abs(ev.metric - want["metric"]) > 1e-9 or abs(ev.saved_layers - want["saved"]) > 1e-9):
+            raise UserError(f"--from-benchmark {path}: {task} {key} scores {100 * ev.metric:.2f} at "
+                            f"{100 * ev.saved_layers:.1f}% saved on dev, the benchmark {100 * want['metric']:.2f} at "
+                            f"{100 * want['saved']:.1f}%: its run or checkpoint changed since; rerun agents.benchmark")
+    return out
+
+
 def load_policies(task: str, args, default_ckpt, cache_for) -> list[tuple[str, object, str, Path]]:
     """(key, policy, description, checkpoint) for this task."""
     out = []
+    if args.from_benchmark:  # (its dev figures are checked unless another dev file is timed)
+        out = benchmark_policies(task, args.from_benchmark, None if args.dev_file else cache_for)
     for r in args.policy_run:
         prefix, sep, path = r.partition("=")
         run = Path(path if sep else r)
@@ -309,6 +374,9 @@ class Args:
     rules: tuple[str, ...] | None = None
     """exit rules to time (see agents.predict; maxprob:auto calibrates a max-prob threshold on the calib cache);
     None: static-3 maxprob:auto when no --policy-run is given, else none"""
+    from_benchmark: str | None = None
+    """an agents.benchmark results.json: time each task's headline rules, the best learned policy (its deployed
+    run, threshold chosen on calib) and the best heuristic (knob chosen on calib), on the benchmark's checkpoint"""
     target_saved: float = 0.5
     """fraction of layers maxprob:auto aims to save"""
     checkpoint: str | None = None

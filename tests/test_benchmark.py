@@ -133,6 +133,16 @@ def test_run_benchmark_end_to_end(tmp_runs, tmp_path):
     gap = 100 * (h["learned"]["test"]["saved"] - h["heuristic"]["test"]["saved"])
     assert f"| {h['heuristic']['method']} |" in head[0] and f"| {gap:+.1f} |" in head[0]
     assert data["checkpoints"] == {}  # synthetic caches come from no checkpoint
+    # the deployed rule is a saved policy: loaded from its run with the chosen threshold it scores what the table says
+    from agents.inference.early_exit_model import load_policy
+    from backbones.files import resolve_stored
+
+    dep = h["learned"]["deployed"]
+    policy, _ = load_policy(resolve_stored(dep["run"]), threshold=dep["threshold"])
+    assert dep["threshold"] == h["learned"]["knob"].get("threshold", 0.5)
+    for split in ("dev", "test"):
+        ev = evaluate(policy, _caches(0)[split])
+        assert (ev.metric, ev.saved_layers) == pytest.approx((h["learned"][split]["metric"], h["learned"][split]["saved"]))
     with pytest.raises(SystemExit) as e:
         depth_main(["--benchmarks", str(tmp_path / "nowhere")])
     assert e.value.code == 2

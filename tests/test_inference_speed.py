@@ -66,3 +66,56 @@ def test_a_runtime_it_does_not_know_is_a_usage_error(tmp_runs, capsys):
     with pytest.raises(SystemExit) as e:
         B.main(["--tasks", "RTE", "--runtime", "tvm"])
     assert e.value.code == 2 and "--runtime takes one or more of torch, onnx" in capsys.readouterr().err
+
+
+def test_from_benchmark_times_the_headline_rules_and_checks_their_dev_figures(tiny, tmp_runs, tmp_path):
+    """--from-benchmark: the benchmark's deployed learned run with its calib-chosen threshold and its best heuristic
+    (every heuristic's knob maps to the rule that exits where the benchmark's score threshold does)."""
+    from agents.benchmark import exits_at, heuristic_scores
+    from agents.evaluate import evaluate, score_exits
+    from backbones.cli import UserError
+    from tests.test_inference import mixed_learned, save_run
+
+    cache = tiny["cache"]
+    policy = mixed_learned(cache)
+    thr = 0.3
+    run = save_run(tiny, tmp_path / "run", policy, threshold=0.5)
+
+    def point(ev):
+        return {"metric": ev.metric, "saved": ev.saved_layers}
+
+    scores = heuristic_scores(cache)
+    for method, knob in (("maxprob", {"threshold": float(np.median(scores["maxprob"]))}),
+                         ("deebert", {"threshold": float(np.median(scores["deebert"]))}),
+                         ("pabee", {"threshold": 0.5}), ("pabee", {"threshold": float("inf")}), ("static", {"k": 2})):
+        want = (score_exits(exits_at(scores[method], knob["threshold"]), cache, method) if method != "static"
+                else evaluate(B.parse_rule("static-2"), cache))
+        head = {"learned": {"method": "ppo:confidence:consistency", "knob": {"alpha": 0.02, "threshold": thr},
+                            "deployed": {"run": str(run), "threshold": thr}, "dev": point(evaluate(
+                                type(policy)(policy.net, thr), cache))},
+                "heuristic": {"method": method, "knob": knob, "dev": point(want)}}
+        res = tmp_path / "results.json"
+        res.write_text(json.dumps({"headline": {"RTE": head}, "checkpoints": {"RTE": str(tiny["ckpt"])}}))
+        got = B.benchmark_policies("RTE", res, lambda ckpt: cache)  # raises if a rule scores otherwise
+        assert [k for k, *_ in got] == ["learned:ppo:confidence:consistency", f"heuristic:{method}"]
+        assert got[0][1].threshold == thr and all(c == tiny["ckpt"] for *_, c in got)
+    head["heuristic"]["dev"]["saved"] += 0.01  # the benchmark said something else: its run or checkpoint changed
+    res.write_text(json.dumps({"headline": {"RTE": head}, "checkpoints": {"RTE": str(tiny["ckpt"])}}))
+    with pytest.raises(UserError, match="changed since"):
+        B.benchmark_policies("RTE", res, lambda ckpt: cache)
+    head["learned"]["deployed"] = None
+    res.write_text(json.dumps({"headline": {"RTE": head}, "checkpoints": {"RTE": str(tiny["ckpt"])}}))
+    with pytest.raises(UserError, match="no single saved policy"):
+        B.benchmark_policies("RTE", res)
+    with pytest.raises(UserError, match="has no MRPC"):
+        B.benchmark_policies("MRPC", res)
+    # end to end: both rules timed in both runtimes on the benchmark's checkpoint
+    head["learned"]["deployed"] = {"run": str(run), "threshold": thr}
+    res.write_text(json.dumps({"headline": {"RTE": head}, "checkpoints": {"RTE": str(tiny["ckpt"])}}))
+    out = tmp_path / "speed.json"
+    B.main(["--tasks", "RTE", "--dev-file", str(tiny["dev"]), "--from-benchmark", str(res), "--batch-sizes", "4",
+            "--repeats", "1", "--threads", "1", "--out", str(out)])
+    pols = json.loads(out.read_text())["results"][0]["policies"]
+    assert set(pols) == {"learned:ppo:confidence:consistency", "heuristic:static"}
+    for p in pols.values():
+        assert p["batch"]["4"]["agree_with_evaluator"]["onnx"] == {"preds": N_DEV, "exit_layers": N_DEV, "n": N_DEV}
