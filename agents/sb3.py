@@ -155,6 +155,33 @@ class SB3Exit(ExitPolicy):
         actions, _ = self.model.predict(obs, deterministic=True)
         return np.asarray(actions).reshape(-1) == EXIT
 
+    def stepper(self):
+        """Layer-by-layer decisions in numpy (:mod:`agents.policies.stepper`), equal to :meth:`exit_at_layer`'s;
+        None when the network holds a module the numpy path does not know (a custom features extractor)."""
+        from agents.policies.stepper import MLP, Stepper, mlp_from_sequential
+
+        pol = self.model.policy
+        q = hasattr(pol, "q_net")
+        mods = ([pol.q_net.features_extractor, pol.q_net.q_net] if q else
+                [pol.pi_features_extractor, pol.mlp_extractor.policy_net, pol.action_net])
+        layers = mlp_from_sequential(mods)
+        if layers is None:
+            return None
+        mlp, thr = MLP(layers), self.threshold
+
+        def decide(l: int, obs: np.ndarray) -> np.ndarray:
+            out = mlp(np.asarray(self.normalize(obs), dtype=np.float32))
+            if thr is None:  # the greedy action (ties: the first, Continue)
+                return out.argmax(-1) == EXIT
+            if q:
+                p = np.float32(1.0) / (np.float32(1.0) + np.exp(out[:, 1 - EXIT] - out[:, EXIT]))
+            else:
+                e = np.exp(out - out.max(-1, keepdims=True))
+                p = e[:, EXIT] / e.sum(-1)
+            return p > thr
+
+        return Stepper(self.obs, self.num_layers, decide, self.obs_bound)
+
     @torch.no_grad()
     def exit_probs(self, states: np.ndarray | None, log_probs: np.ndarray) -> np.ndarray:
         """A score in [0, 1] per instance and layer [N, L] whose 0.5 crossing is the greedy action:

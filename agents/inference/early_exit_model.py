@@ -91,9 +91,13 @@ class EarlyExitClassifier:
     """A multi-exit encoder (:class:`backbones.multiexit.MultiExitEncoder`), its tokenizer and an exit policy.
 
     ``policy`` is any :class:`agents.policies.ExitPolicy` (learned, static, heuristic): only
-    ``exit_at_layer`` and ``needs_states`` are used. ``trim_padding`` cuts padding columns
+    ``exit_at_layer`` and ``needs_states`` are used, or the policy's ``stepper()`` when it has one
+    (:mod:`agents.policies.stepper`: the same decisions from each layer's outputs alone, in numpy;
+    ``use_stepper = False`` asks ``exit_at_layer`` instead). ``trim_padding`` cuts padding columns
     no remaining instance needs after instances leave a batch (exact up to float rounding).
     """
+
+    use_stepper = True
 
     def __init__(self, model, tokenizer, policy: ExitPolicy, trim_padding: bool = True) -> None:
         self.model = model.eval()
@@ -269,25 +273,31 @@ class EarlyExitClassifier:
         are the runtime's own arrays; ``mask`` must convert with ``np.asarray``.
         """
         policy, L, c = self.policy, self.num_layers, len(self.label_names)
-        needs_states = getattr(policy, "needs_states", True)
+        stepper = policy.stepper() if self.use_stepper and hasattr(policy, "stepper") else None
+        needs_states = getattr(stepper or policy, "needs_states", True)
         b = mask.shape[0]
         rows = np.arange(b)  # original row of each row still in the batch
         out_logp = np.empty((b, c), dtype=np.float32)
         out_exit = np.empty(b, dtype=np.int64)
-        hist_logp = np.empty((b, L, c), dtype=np.float32)  # history of the rows still in the batch
+        hist_logp = np.empty((b, L, c), dtype=np.float32) if stepper is None else None  # rows still in the batch
         hist_states = None
+        if stepper is not None:
+            stepper.start(b)
         for l in range(L):
             hidden, pooled, logp = step(l, hidden, mask)
             if l == L - 1:
                 out_logp[rows], out_exit[rows] = logp, L
                 return out_logp, out_exit, L
-            hist_logp[:, l] = logp
-            if needs_states:
-                if hist_states is None:
-                    hist_states = np.empty((b, L, pooled.shape[-1]), dtype=np.float32)
-                hist_states[:, l] = pooled
-            st = hist_states[:, : l + 1] if needs_states else None
-            ex = np.asarray(policy.exit_at_layer(l, st, hist_logp[:, : l + 1]), dtype=bool)
+            if stepper is not None:  # this layer's outputs only; the stepper carries what it needs
+                ex = stepper.decide(l, pooled if needs_states else None, logp)
+            else:
+                hist_logp[:, l] = logp
+                if needs_states:
+                    if hist_states is None:
+                        hist_states = np.empty((b, L, pooled.shape[-1]), dtype=np.float32)
+                    hist_states[:, l] = pooled
+                st = hist_states[:, : l + 1] if needs_states else None
+                ex = np.asarray(policy.exit_at_layer(l, st, hist_logp[:, : l + 1]), dtype=bool)
             if ex.shape != (rows.shape[0],):
                 raise ValueError(f"policy {policy!r} returned exit decisions of shape {ex.shape}, "
                                  f"expected ({rows.shape[0]},)")
@@ -297,9 +307,13 @@ class EarlyExitClassifier:
             if ex.all():
                 return out_logp, out_exit, l + 1
             keep = np.flatnonzero(~ex)
-            rows, hist_logp = rows[keep], hist_logp[keep]
-            if needs_states:
-                hist_states = hist_states[keep]
+            rows = rows[keep]
+            if stepper is not None:
+                stepper.keep(keep)
+            else:
+                hist_logp = hist_logp[keep]
+                if needs_states:
+                    hist_states = hist_states[keep]
             cols = None
             if self.trim_padding:
                 used = np.flatnonzero(np.asarray(mask)[keep].any(0))

@@ -29,6 +29,11 @@ class ExitPolicy:
         """
         raise NotImplementedError
 
+    def stepper(self):
+        """A :class:`~agents.policies.stepper.Stepper` making the same decisions layer by layer from that layer's
+        outputs alone (what inference uses when there is one), or None: inference asks :meth:`exit_at_layer`."""
+        return None
+
     def exit_mask(self, cache: LayerCache) -> np.ndarray:
         """bool [N, L]: would instance n exit at layer l if it got there? (last column all True)"""
         n, L = cache.num_instances, cache.num_layers

@@ -32,6 +32,27 @@ class LearnedExit(ExitPolicy):
         layer = torch.full((s.shape[0],), l, dtype=torch.long)
         return torch.sigmoid(self.net.logits(s, layer)).numpy() > self.threshold
 
+    def stepper(self):
+        """Layer-by-layer decisions in numpy (:mod:`agents.policies.stepper`), equal to :meth:`exit_at_layer`'s."""
+        from agents.policies.stepper import _gelu, Stepper
+
+        net = self.net
+        mean, std = net.mean.detach().cpu().numpy(), net.std.detach().cpu().numpy()
+        w1, b1 = net.w1.detach().cpu().numpy(), net.b1.detach().cpu().numpy()
+        w2, b2 = net.w2.detach().cpu().numpy()[..., 0], net.b2.detach().cpu().numpy()[..., 0]
+        emb = None if net.layer_emb is None else net.layer_emb.detach().cpu().numpy()
+        thr = self.threshold
+
+        def decide(l: int, obs: np.ndarray) -> np.ndarray:
+            g = 0 if net.shared else l
+            h = ((obs - mean) / std) @ w1[g] + b1[g]
+            if emb is not None:
+                h = h + emb[l]
+            z = _gelu(h) @ w2[g] + b2[g]
+            return np.float32(1.0) / (np.float32(1.0) + np.exp(-z)) > thr
+
+        return Stepper(net.features, net.num_layers, decide)
+
     def exit_mask(self, cache: LayerCache) -> np.ndarray:
         mask = self.exit_probs(cache.states if self.needs_states else None, cache.log_probs) > self.threshold
         mask[:, -1] = True
