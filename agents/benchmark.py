@@ -811,7 +811,7 @@ def run_benchmark(caches_by_task: dict[str, dict[str, LayerCache]], cfg: Benchma
                   timings: dict[str, dict] | None = None) -> dict:
     """The comparison on given caches ({task: {"calib", "dev"[, "test"]}}); writes and returns the results."""
     from backbones.files import stored_path, write_json, write_text
-    from backbones.paths import runs_dir
+    from backbones.paths import model_suffix, runs_dir
 
     cfg = cfg or BenchmarkConfig()
     for spec in cfg.learners:

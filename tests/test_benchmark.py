@@ -169,10 +169,11 @@ def test_scrambled_test_labels_change_no_choice(tmp_runs, tmp_path):
 
 def test_cli_on_the_synthetic_task(tmp_runs, tmp_path, capsys):
     res = main(["--tasks", "Synthetic", "--alphas", "0.1", "--learners", "reinforce:confidence:consistency",
-                "--epochs", "1", "--grid", "5", "--calib-repeats", "2", "--out", str(tmp_path / "cli"), "--no-plots"])
+                "--epochs", "1", "--grid", "5", "--calib-repeats", "2", "--no-plots"])  # the default --out
     out = capsys.readouterr().out
     assert "## Headline" in out and "timing (s):" in out and "caches_s" in out
-    assert (tmp_path / "cli" / "results.json").is_file() and not (tmp_path / "cli" / "Synthetic_curves.png").exists()
+    default = tmp_runs / "benchmark"  # runs/benchmark (runs/benchmark-<model> for another --model)
+    assert (default / "results.json").is_file() and not (default / "Synthetic_curves.png").exists()
     for argv, msg in ((["--test-file", "RTE=x.tsv"], "not in --tasks"), (["--learners", "ppo:state:x"], "ALGO:OBS:REWARD"),
                       (["--calib-folds", "1"], "--calib-folds"), (["--calib-repeats", "0"], "--calib-repeats"),
                       (["--alphas", "nan"], "--alphas"), (["--deploy", "median"], "--deploy must be one of")):
