@@ -114,3 +114,21 @@ def test_inference_uses_the_stepper_and_gives_the_same_exits(tiny, monkeypatch):
     assert 1 < len(set(fast.exit_layers.tolist()))
     np.testing.assert_array_equal(fast.exit_layers, slow.exit_layers)
     np.testing.assert_array_equal(fast.label_ids, slow.label_ids)
+
+
+def test_the_stepper_is_built_once_per_policy_and_threshold(tiny, monkeypatch):
+    from agents.inference.early_exit_model import EarlyExitClassifier
+    from tests.test_inference import mixed_learned
+
+    policy = mixed_learned(tiny["cache"])
+    built = []
+    real = policy.stepper
+    monkeypatch.setattr(policy, "stepper", lambda: built.append(policy.threshold) or real())
+    clf = EarlyExitClassifier.from_checkpoint(tiny["ckpt"], policy)
+    texts = list(tiny["ds"]["text_a"])
+    first = clf.predict(texts, batch_size=4)
+    clf.predict(texts, batch_size=4)
+    assert built == [0.5]  # one build for every batch of both calls
+    policy.threshold = 0.99  # a new threshold is a new rule: rebuilt, and it exits later
+    later = clf.predict(texts, batch_size=4)
+    assert built == [0.5, 0.99] and later.exit_layers.mean() > first.exit_layers.mean()

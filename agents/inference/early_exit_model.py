@@ -263,6 +263,19 @@ class EarlyExitClassifier:
         prepare(hidden, attention_mask, lmask)
         return self.exit_loop(hidden, attention_mask, step, shrink)
 
+    def _policy_stepper(self):
+        """The policy's stepper, built once per policy and threshold (building reads the network's weights, which
+        costs about as much as a decision): a policy whose weights change after the first batch needs a new
+        classifier."""
+        policy = self.policy
+        if not self.use_stepper or not hasattr(policy, "stepper"):
+            return None
+        key = (policy, getattr(policy, "threshold", None))
+        cached = getattr(self, "_stepper_cache", None)
+        if cached is None or cached[0][0] is not policy or cached[0][1] != key[1]:
+            self._stepper_cache = cached = (key, policy.stepper())
+        return cached[1]
+
     def exit_loop(self, hidden, mask, step, shrink) -> tuple[np.ndarray, np.ndarray, int]:
         """The early-exit bookkeeping every runtime shares: after each layer the policy is asked, exited rows
         leave the batch (and padding columns no remaining row needs are cut when ``trim_padding``).
@@ -273,7 +286,7 @@ class EarlyExitClassifier:
         are the runtime's own arrays; ``mask`` must convert with ``np.asarray``.
         """
         policy, L, c = self.policy, self.num_layers, len(self.label_names)
-        stepper = policy.stepper() if self.use_stepper and hasattr(policy, "stepper") else None
+        stepper = self._policy_stepper()
         needs_states = getattr(stepper or policy, "needs_states", True)
         b = mask.shape[0]
         rows = np.arange(b)  # original row of each row still in the batch
