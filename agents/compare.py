@@ -131,10 +131,18 @@ def interval_estimates(rows: list[dict], split: str, reps: int = 2000, seed: int
     for key in METRICS:
         scores = {a: np.array([[r[split][key]] for r in rows if r["algo"] == a and split in r], dtype=float)
                   for a in algos}
-        with warnings.catch_warnings():  # arch deprecates the RandomState rliable passes; the draws are the same
-            warnings.simplefilter("ignore", FutureWarning)
-            point, ci = rly.get_interval_estimates(scores, lambda x: np.array([rm.aggregate_iqm(x)]), reps=reps,
-                                                   random_state=np.random.RandomState(seed))
+        # rliable's StratifiedBootstrap draws its resamples from numpy's global RNG (update_indices calls
+        # np.random.choice) whatever random_state says: seed it for these draws, then restore it, so that
+        # the same runs always give the same intervals (serial or on Ray workers).
+        global_state = np.random.get_state()
+        np.random.seed(seed)
+        try:
+            with warnings.catch_warnings():  # arch deprecates the RandomState rliable passes
+                warnings.simplefilter("ignore", FutureWarning)
+                point, ci = rly.get_interval_estimates(scores, lambda x: np.array([rm.aggregate_iqm(x)]), reps=reps,
+                                                       random_state=np.random.RandomState(seed))
+        finally:
+            np.random.set_state(global_state)
         for a in algos:
             out.setdefault(a, {})[key] = {"iqm": float(point[a][0]), "ci95": [float(ci[a][0, 0]), float(ci[a][1, 0])],
                                           "n": int(scores[a].shape[0])}

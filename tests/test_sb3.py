@@ -120,3 +120,23 @@ def test_compare_writes_table_json_and_png(caches, tmp_path, monkeypatch):
     assert trajectories <= rf["env_steps"] <= trajectories * caches["train"].num_layers
 
     assert "reinforce" in out["table"] and "ppo" in out["table"]
+
+
+def test_compare_intervals_are_the_same_for_the_same_runs():
+    """rliable resamples with numpy's global RNG whatever random_state says: the intervals are seeded there, and
+    the caller's global RNG is left as it was."""
+    import numpy as np
+
+    from agents.compare import interval_estimates
+
+    rng = np.random.default_rng(0)
+    rows = [{"algo": a, "seed": s, "dev": {"return": float(rng.normal()), "metric": float(rng.random()),
+                                           "saved_layers": float(rng.random())}} for a in ("ppo", "dqn") for s in range(5)]
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    first = interval_estimates(rows, "dev")
+    np.testing.assert_array_equal(np.random.get_state()[1], before)
+    np.random.rand(7)  # whatever else the process drew in between
+    assert interval_estimates(rows, "dev") == first
+    lo, hi = first["ppo"]["return"]["ci95"]
+    assert lo < first["ppo"]["return"]["iqm"] < hi
