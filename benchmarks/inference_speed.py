@@ -98,18 +98,17 @@ def _run_task(run: Path) -> str | None:
 
 
 def heuristic_rule(method: str, knob: dict) -> str:
-    """agents.predict's rule string for a benchmark heuristic and its knob (the benchmark thresholds a score:
-    DeeBERT's is minus the entropy, PABEE's the patience count, exit when above)."""
+    """agents.predict's rule string for a benchmark heuristic and its knob: the benchmark thresholds the same
+    scores as agents.calibrate, so its knob_value converts them (PABEE's +inf, never exit early, is patience 0)."""
+    from agents.calibrate import knob_value
+
     if method == "static":
         return f"static-{int(knob['k'])}"
+    rule = {"maxprob": "maxprob", "deebert": "entropy", "pabee": "patience"}.get(method)
+    if rule is None:
+        raise UserError(f"unknown heuristic {method!r} in the benchmark's results")
     t = float(knob["threshold"])
-    if method == "maxprob":
-        return f"maxprob:{t!r}"
-    if method == "deebert":
-        return f"entropy:{-t!r}"
-    if method == "pabee":
-        return f"patience:{0 if math.isinf(t) else math.ceil(t)}"
-    raise UserError(f"unknown heuristic {method!r} in the benchmark's results")
+    return "patience:0" if rule == "patience" and math.isinf(t) else knob_value(rule, t)
 
 
 def benchmark_policies(task: str, path: str | Path, dev_cache_for=None) -> list[tuple[str, object, str, Path]]:
