@@ -76,6 +76,23 @@ def test_onnx_path_equals_the_torch_path_and_the_evaluator(tiny, tiny_graphs, ki
         assert len(set(got.exit_layers.tolist())) >= 2  # rows left the batch at different layers
 
 
+def test_context_is_made_once_per_batch_and_again_only_after_rows_leave(tiny, tiny_graphs, monkeypatch):
+    """The first graph returns the layers' context with layer 1; the context graph runs only when rows left
+    the batch (never at batch 1), and the rows that go on are scored with their own context (as PyTorch)."""
+    calls = []
+    real = OnnxGraphs.context
+    monkeypatch.setattr(OnnxGraphs, "context", lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a))
+    policy = POLICIES["maxprob"](tiny["cache"])
+    ref = EarlyExitClassifier.from_checkpoint(tiny["ckpt"], policy)
+    clf = OnnxEarlyExitClassifier(ref.model, ref.tokenizer, policy, tiny_graphs)
+    ds = tiny["ds"]
+    one = clf.predict(ds["text_a"][:12], ds["text_b"][:12], batch_size=1)
+    assert calls == [] and len(set(one.exit_layers.tolist())) >= 2
+    got = clf.predict(ds["text_a"], ds["text_b"], batch_size=8)
+    assert calls and all(0 < b < 8 for b in calls)  # after rows left: the remaining rows only
+    np.testing.assert_array_equal(got.exit_layers, ref.predict(ds["text_a"], ds["text_b"], batch_size=8).exit_layers)
+
+
 def test_whole_model_graph_is_the_full_depth_model(tiny, tiny_graphs):
     ref = EarlyExitClassifier.from_checkpoint(tiny["ckpt"], MaxProbExit(0.9))
     clf = OnnxEarlyExitClassifier(ref.model, ref.tokenizer, ref.policy, tiny_graphs)
@@ -93,7 +110,8 @@ def test_export_is_cached_and_rebuilt_when_a_graph_is_edited(tiny, exports, caps
     assert len(exports) == 1  # once per checkpoint
     folder = exports[0]
     rec = json.loads((folder / OR.RECORD).read_text())
-    assert set(rec["files"]) == {"embed.onnx", "full.onnx", *(f"layer_{l}.onnx" for l in range(LAYERS))}
+    assert set(rec["files"]) == {"embed.onnx", "first.onnx", "context.onnx", "full.onnx",
+                                 *(f"layer_{l}.onnx" for l in range(LAYERS))}
     layer = folder / "layer_1.onnx"
     data = bytearray(layer.read_bytes())
     data[-20] ^= 0xFF  # a changed weight byte: the file still loads, with other numbers
@@ -121,10 +139,8 @@ def test_a_changed_checkpoint_gets_its_own_export_and_a_tampered_one_is_refused(
     b = OnnxEarlyExitClassifier.from_checkpoint(ckpt, POLICIES["learned"](tiny["cache"]))
     assert len(exports) == 2 and exports[0] != exports[1]
     ids = {k: v.numpy() for k, v in next(b.batches(b.tokenize(["the man sleeps", "a dog"]), 2))[1].items()}
-    la = a.graphs.layer(0, a.graphs.embed(ids["input_ids"], ids["attention_mask"], ids.get("token_type_ids")),
-                        ids["attention_mask"])[2]
-    lb = b.graphs.layer(0, b.graphs.embed(ids["input_ids"], ids["attention_mask"], ids.get("token_type_ids")),
-                        ids["attention_mask"])[2]
+    la = a.graphs.first(ids["input_ids"], ids["attention_mask"], ids.get("token_type_ids"))[2]
+    lb = b.graphs.first(ids["input_ids"], ids["attention_mask"], ids.get("token_type_ids"))[2]
     np.testing.assert_allclose(lb[:, 0] - lb[:, 1], la[:, 0] - la[:, 1] + 6.0, atol=1e-4)
     # weights edited behind the checkpoint's back (its recorded sha256 no longer matches): refused
     w = ckpt / "model.safetensors"
@@ -169,8 +185,8 @@ def test_an_export_that_does_not_reproduce_pytorch_is_refused(tiny, monkeypatch,
     model = MultiExitEncoder.load(tiny["ckpt"])
     real = OR._Layer.forward
 
-    def shape_bound(self, hidden, attention_mask):
-        h, pooled, logp = real(self, hidden, attention_mask)
+    def shape_bound(self, hidden, attention_mask, *ctx):
+        h, pooled, logp = real(self, hidden, attention_mask, *ctx)
         return h, pooled, logp + 0.01 * int(hidden.shape[1])  # int(): the traced length is a constant
 
     monkeypatch.setattr(OR._Layer, "forward", shape_bound)

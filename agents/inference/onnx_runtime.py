@@ -10,12 +10,20 @@ time, so the optimised full-depth runtime a user already has (the whole model ex
 Runtime) beats early exit in PyTorch. Here every piece the early-exit loop calls runs in ONNX
 Runtime, one :class:`onnxruntime.InferenceSession` per graph:
 
-- ``embed.onnx``: ``(input_ids, attention_mask[, token_type_ids]) -> hidden`` (the family's embeddings);
-- ``layer_<l>.onnx``: ``(hidden, attention_mask) -> (hidden, pooled, log_probs)``: the family's layer
-  context built inside the graph from the mask (MPNet's relative position bias, Llama's rotary
-  positions and causal mask are part of it), layer ``l``, pooling and the internal classifier;
+- ``first.onnx``: ``(input_ids, attention_mask[, token_type_ids]) -> (hidden, ctx..., pooled, log_probs)``:
+  the family's embeddings, the layers' context (attention mask; MPNet's relative position bias,
+  Llama's rotary positions and causal mask) and layer 1 with its exit, in one call;
+- ``layer_<l>.onnx``: ``(hidden, attention_mask, ctx...) -> (hidden, pooled, log_probs)``: layer ``l``,
+  pooling and the internal classifier; the context is an input (made once per batch), not rebuilt
+  in every layer's graph;
+- ``context.onnx``: ``(hidden, attention_mask) -> ctx...``: the context again, after rows leave the batch
+  (never called at batch 1); ``embed.onnx``: embeddings and context (what ``first`` does before layer 1);
 - ``full.onnx``: the whole full-depth model (embeddings, all layers, last classifier) -> log_probs:
   the fastest full-depth option, the reference early exit is timed against.
+
+The context is whatever the family's :meth:`~backbones.families.Family.context` returns (a tensor or a
+tuple of tensors), passed between graphs as its tensor leaves ``ctx_0, ctx_1, ...`` in pytree order;
+which of their axes are dynamic is read off two traces of different batch and sequence sizes.
 
 Batch and sequence axes are dynamic. The exit decision stays the policy's own
 :meth:`~agents.policies.ExitPolicy.exit_at_layer` in numpy on the same histories as the PyTorch
@@ -47,34 +55,69 @@ from backbones.files import claim, read_json, sha256_file, stored_path, write_js
 
 __all__ = ["OnnxGraphs", "OnnxEarlyExitClassifier", "export_graphs", "ensure_export", "export_folder"]
 
-FORMAT = 1
+FORMAT = 2  # 2: the context is a graph input (first/context graphs); 1: rebuilt inside every layer graph
 RECORD = "onnx.json"
 OPSET = 17
 EXPORT_ATOL = 1e-4  # an exported graph must reproduce PyTorch within this on a batch it was not traced on
 
 
 # --------------------------------------------------------------------------- the graphs, as torch modules
+def _ctx_leaves(ctx) -> tuple[list[torch.Tensor], object]:
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten(ctx)
+    if not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise RuntimeError(f"the layers' context holds non-tensor values ({spec}); this family does not export")
+    return leaves, spec
+
+
 class _Embed(nn.Module):
+    """Embeddings and the layers' context (as tensor leaves)."""
+
     def __init__(self, model) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model.embed(input_ids, attention_mask, token_type_ids)[0]
+        hidden, ctx = self.model.embed(input_ids, attention_mask, token_type_ids)
+        return (hidden, *_ctx_leaves(ctx)[0])
+
+
+class _Context(nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden, attention_mask):
+        return tuple(_ctx_leaves(self.model.layer_mask(hidden, attention_mask))[0])
 
 
 class _Layer(nn.Module):
-    """One layer and its exit: the context is rebuilt from the mask inside the graph."""
+    """One layer and its exit; the context comes in as its leaves (``spec``: their pytree structure)."""
 
-    def __init__(self, model, l: int) -> None:
+    def __init__(self, model, l: int, spec) -> None:
         super().__init__()
-        self.model, self.l = model, l
+        self.model, self.l, self.spec = model, l, spec
 
-    def forward(self, hidden, attention_mask):
+    def forward(self, hidden, attention_mask, *ctx):
+        from torch.utils._pytree import tree_unflatten
+
         m = self.model
-        hidden = m.run_layer(self.l, hidden, m.layer_mask(hidden, attention_mask))
+        hidden = m.run_layer(self.l, hidden, tree_unflatten(list(ctx), self.spec))
         pooled = m.pool(hidden, attention_mask)
         return hidden, pooled.float(), torch.log_softmax(m.classify(self.l, pooled).float(), -1)
+
+
+class _First(nn.Module):
+    """Embeddings, context and layer 1 with its exit: the first call of every batch."""
+
+    def __init__(self, model, spec) -> None:
+        super().__init__()
+        self.embed, self.layer = _Embed(model), _Layer(model, 0, spec)
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        hidden, *ctx = self.embed(input_ids, attention_mask, token_type_ids)
+        return (*self.layer(hidden, attention_mask, *ctx), *ctx)
 
 
 class _Full(nn.Module):
@@ -110,7 +153,23 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 
 def graph_names(num_layers: int) -> list[str]:
-    return ["embed.onnx", *(f"layer_{l}.onnx" for l in range(num_layers)), "full.onnx"]
+    return ["embed.onnx", "first.onnx", "context.onnx", *(f"layer_{l}.onnx" for l in range(num_layers)), "full.onnx"]
+
+
+def _ctx_axes(model) -> tuple[list[str], dict, object]:
+    """The context's leaf names, their dynamic axes (the axes whose size differs between traces of 2 x 9 and
+    3 x 13 tokens) and its pytree structure."""
+    shapes = []
+    for b, t in ((2, 9), (3, 13)):
+        ex = _example(model, b, t, 0)
+        leaves, spec = _ctx_leaves(model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])[1])
+        shapes.append([tuple(x.shape) for x in leaves])
+    if len(shapes[0]) != len(shapes[1]) or any(len(a) != len(b) for a, b in zip(*shapes)):
+        raise RuntimeError("the layers' context changes structure with the batch shape; this family does not export")
+    names = [f"ctx_{i}" for i in range(len(shapes[0]))]
+    axes = {n: {d: f"{n}_d{d}" for d, (x, y) in enumerate(zip(a, b)) if x != y}
+            for n, a, b in zip(names, *shapes)}
+    return names, axes, spec
 
 
 @torch.inference_mode(False)
@@ -124,16 +183,22 @@ def export_graphs(model, folder: str | os.PathLike) -> dict[str, str]:
     was_training = model.training
     model.eval()
     try:
+        ctx_names, ctx_axes, spec = _ctx_axes(model)
         ex = _example(model, 2, 9, 0)
-        hidden = model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])[0]
+        hidden, ctx = model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
+        leaves = _ctx_leaves(ctx)[0]
         axes = {"input_ids": _BT, "attention_mask": _BT, "token_type_ids": _BT, "hidden": _BT,
-                "hidden_out": _BT, "pooled": _B, "log_probs": _B}
+                "hidden_out": _BT, "pooled": _B, "log_probs": _B, **ctx_axes}
         tok_in = ["input_ids", "attention_mask", "token_type_ids"]
         tok_args = (ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
-        _export(_Embed(model), tok_args, folder / "embed.onnx", tok_in, ["hidden"], axes)
+        layer_out = ["hidden_out", "pooled", "log_probs"]
+        _export(_Embed(model), tok_args, folder / "embed.onnx", tok_in, ["hidden", *ctx_names], axes)
+        _export(_First(model, spec), tok_args, folder / "first.onnx", tok_in, layer_out + ctx_names, axes)
+        _export(_Context(model), (hidden, ex["attention_mask"]), folder / "context.onnx", ["hidden", "attention_mask"],
+                ctx_names, axes)
         for l in range(model.num_layers):
-            _export(_Layer(model, l), (hidden, ex["attention_mask"]), folder / f"layer_{l}.onnx",
-                    ["hidden", "attention_mask"], ["hidden_out", "pooled", "log_probs"], axes)
+            _export(_Layer(model, l, spec), (hidden, ex["attention_mask"], *leaves), folder / f"layer_{l}.onnx",
+                    ["hidden", "attention_mask", *ctx_names], layer_out, axes)
         _export(_Full(model), tok_args, folder / "full.onnx", tok_in, ["log_probs"], axes)
         _check_export(model, folder)
     finally:
@@ -142,29 +207,40 @@ def export_graphs(model, folder: str | os.PathLike) -> dict[str, str]:
 
 
 def _check_export(model, folder: Path) -> None:
-    """Each graph against PyTorch on a batch of a shape it was not traced on (3 rows, 13 tokens)."""
+    """Each graph against PyTorch on a batch of a shape it was not traced on (4 rows, 11 tokens)."""
     g = OnnxGraphs(folder, model.num_layers, threads=1)
-    ex = _example(model, 3, 13, 1)
+    ex = _example(model, 4, 11, 1)
     real = ex["attention_mask"].bool().numpy()
     hidden, ctx = model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
+    leaves = _ctx_leaves(ctx)[0]
     np_in = {k: v.numpy() for k, v in ex.items()}
-    got = g.embed(np_in["input_ids"], np_in["attention_mask"], np_in["token_type_ids"])
-    pairs = [("embed.onnx", got[real], hidden.numpy()[real])]
+    got_h, got_ctx = g.embed(np_in["input_ids"], np_in["attention_mask"], np_in["token_type_ids"])
+    pairs = [("embed.onnx", got_h[real], hidden.numpy()[real])]
+    pairs += [("embed.onnx", a, b.float().numpy()) for a, b in zip(got_ctx, leaves)]
+    pairs += [("context.onnx", a, b.float().numpy()) for a, b in zip(g.context(hidden.numpy(), np_in["attention_mask"]),
+                                                                     leaves)]
+    first = g.first(np_in["input_ids"], np_in["attention_mask"], np_in["token_type_ids"])
     h = hidden
     for l in range(model.num_layers):
-        want = _Layer(model, l).eval()(h, ex["attention_mask"])
-        out = g.layer(l, h.numpy(), np_in["attention_mask"])
-        pairs += [(f"layer_{l}.onnx", out[0][real], want[0].numpy()[real]),
-                  (f"layer_{l}.onnx", out[1], want[1].numpy()), (f"layer_{l}.onnx", out[2], want[2].numpy())]
+        want = _Layer(model, l, _ctx_leaves(ctx)[1]).eval()(h, ex["attention_mask"], *leaves)
+        out = g.layer(l, h.numpy(), np_in["attention_mask"], [x.numpy() for x in leaves])
+        runs = [(f"layer_{l}.onnx", out)] + ([("first.onnx", first[:3])] if l == 0 else [])
+        for name, o in runs:
+            pairs += [(name, o[0][real], want[0].numpy()[real]), (name, o[1], want[1].numpy()),
+                      (name, o[2], want[2].numpy())]
         h = want[0]
     want = _Full(model).eval()(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
     pairs.append(("full.onnx", g.full_depth(np_in["input_ids"], np_in["attention_mask"], np_in["token_type_ids"]),
                   want.numpy()))
     for name, a, b in pairs:
+        a = np.asarray(a, dtype=np.float32)
+        if a.shape != b.shape:
+            raise RuntimeError(f"the exported {name} gives shape {a.shape} where PyTorch gives {b.shape} on a batch "
+                               f"of another shape (4 x 11); this architecture does not export with dynamic axes")
         err = float(np.abs(a - b).max()) if a.size else 0.0
         if not err <= EXPORT_ATOL * max(1.0, float(np.abs(b).max())):
             raise RuntimeError(f"the exported {name} differs from PyTorch by {err:.3g} on a batch of another shape "
-                               f"(3 x 13); this architecture does not export with dynamic axes")
+                               f"(4 x 11); this architecture does not export with dynamic axes")
 
 
 # --------------------------------------------------------------------------- sessions
@@ -188,10 +264,15 @@ class OnnxGraphs:
             return ort.InferenceSession(str(self.folder / name), sess_options=opts, providers=["CPUExecutionProvider"])
 
         self._embed = session("embed.onnx")
+        self._first = session("first.onnx")
+        self._context = session("context.onnx")
         self._layers = [session(f"layer_{l}.onnx") for l in range(num_layers)]
         self._full = session("full.onnx")
         self._embed_in = {i.name for i in self._embed.get_inputs()}
+        self._first_in = {i.name for i in self._first.get_inputs()}
         self._full_in = {i.name for i in self._full.get_inputs()}
+        self.ctx_names = [o.name for o in self._context.get_outputs()]
+        self._layer_in = [{i.name for i in s.get_inputs()} for s in self._layers]
 
     @staticmethod
     def _feed(names: set[str], input_ids, attention_mask, token_type_ids) -> dict[str, np.ndarray]:
@@ -200,12 +281,23 @@ class OnnxGraphs:
             feed["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
         return {k: v for k, v in feed.items() if k in names}
 
-    def embed(self, input_ids, attention_mask, token_type_ids=None) -> np.ndarray:
-        return self._embed.run(None, self._feed(self._embed_in, input_ids, attention_mask, token_type_ids))[0]
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Token states after the embeddings [B, T, H] and the layers' context (its leaves)."""
+        hidden, *ctx = self._embed.run(None, self._feed(self._embed_in, input_ids, attention_mask, token_type_ids))
+        return hidden, ctx
 
-    def layer(self, l: int, hidden: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+    def first(self, input_ids, attention_mask, token_type_ids=None) -> list[np.ndarray]:
+        """Embeddings, context and layer 1 with its exit in one call: [hidden, pooled, log_probs, *ctx]."""
+        return self._first.run(None, self._feed(self._first_in, input_ids, attention_mask, token_type_ids))
+
+    def context(self, hidden: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+        """The layers' context for these rows (after rows left the batch)."""
+        return self._context.run(None, {"hidden": hidden, "attention_mask": attention_mask})
+
+    def layer(self, l: int, hidden: np.ndarray, attention_mask: np.ndarray, ctx: list[np.ndarray]) -> list[np.ndarray]:
         """Layer ``l`` (0-based) and its exit: [hidden, pooled, log_probs]."""
-        return self._layers[l].run(None, {"hidden": hidden, "attention_mask": attention_mask})
+        feed = {"hidden": hidden, "attention_mask": attention_mask, **dict(zip(self.ctx_names, ctx))}
+        return self._layers[l].run(None, {k: v for k, v in feed.items() if k in self._layer_in[l]})
 
     def full_depth(self, input_ids, attention_mask, token_type_ids=None) -> np.ndarray:
         """The whole full-depth model in one graph: log-probs of the last classifier [B, C]."""
@@ -318,21 +410,24 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
         [B] (1-based), layer calls made."""
         ids, mask = _np(input_ids), _np(attention_mask)
         g = self.graphs
-        hidden = g.embed(ids, mask, None if token_type_ids is None else _np(token_type_ids))
+        hidden, pooled, logp, *ctx = g.first(ids, mask, None if token_type_ids is None else _np(token_type_ids))
         if type(self.policy) is StaticExit:  # reads no outputs: k layers, the k-th classifier
             k = min(max(int(self.policy.k), 1), self.num_layers)
-            for l in range(k):
-                hidden, _, logp = g.layer(l, hidden, mask)
+            for l in range(1, k):
+                hidden, _, logp = g.layer(l, hidden, mask, ctx)
             return logp, np.full(ids.shape[0], k, dtype=np.int64), k
+        first = (hidden, pooled, logp)
 
         def step(l, hidden, mask):
-            return g.layer(l, hidden, mask)
+            return first if l == 0 else g.layer(l, hidden, mask, ctx)
 
         def shrink(hidden, mask, keep, cols):
             hidden, mask = hidden[keep], mask[keep]
             if cols is not None:
                 hidden, mask = hidden[:, cols[0]:cols[1]], mask[:, cols[0]:cols[1]]
-            return np.ascontiguousarray(hidden), np.ascontiguousarray(mask)
+            hidden, mask = np.ascontiguousarray(hidden), np.ascontiguousarray(mask)
+            ctx[:] = g.context(hidden, mask)  # (the remaining rows' context, for the layers after this one)
+            return hidden, mask
 
         return self.exit_loop(hidden, mask, step, shrink)
 
