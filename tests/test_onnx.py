@@ -110,7 +110,7 @@ def test_export_is_cached_and_rebuilt_when_a_graph_is_edited(tiny, exports, caps
     assert len(exports) == 1  # once per checkpoint
     folder = exports[0]
     rec = json.loads((folder / OR.RECORD).read_text())
-    assert set(rec["files"]) == {"embed.onnx", "first.onnx", "context.onnx", "full.onnx",
+    assert set(rec["files"]) == {"first.onnx", "context.onnx", "full.onnx",
                                  *(f"layer_{l}.onnx" for l in range(LAYERS))}
     layer = folder / "layer_1.onnx"
     data = bytearray(layer.read_bytes())

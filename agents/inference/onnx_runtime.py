@@ -17,7 +17,7 @@ Runtime, one :class:`onnxruntime.InferenceSession` per graph:
   pooling and the internal classifier; the context is an input (made once per batch), not rebuilt
   in every layer's graph;
 - ``context.onnx``: ``(hidden, attention_mask) -> ctx...``: the context again, after rows leave the batch
-  (never called at batch 1); ``embed.onnx``: embeddings and context (what ``first`` does before layer 1);
+  (never called at batch 1);
 - ``full.onnx``: the whole full-depth model (embeddings, all layers, last classifier) -> log_probs:
   the fastest full-depth option, the reference early exit is timed against.
 
@@ -153,23 +153,20 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 
 def graph_names(num_layers: int) -> list[str]:
-    return ["embed.onnx", "first.onnx", "context.onnx", *(f"layer_{l}.onnx" for l in range(num_layers)), "full.onnx"]
+    return ["first.onnx", "context.onnx", *(f"layer_{l}.onnx" for l in range(num_layers)), "full.onnx"]
 
 
-def _ctx_axes(model) -> tuple[list[str], dict, object]:
-    """The context's leaf names, their dynamic axes (the axes whose size differs between traces of 2 x 9 and
-    3 x 13 tokens) and its pytree structure."""
-    shapes = []
-    for b, t in ((2, 9), (3, 13)):
-        ex = _example(model, b, t, 0)
-        leaves, spec = _ctx_leaves(model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])[1])
-        shapes.append([tuple(x.shape) for x in leaves])
-    if len(shapes[0]) != len(shapes[1]) or any(len(a) != len(b) for a, b in zip(*shapes)):
+def _ctx_axes(model, leaves: list[torch.Tensor]) -> tuple[list[str], dict]:
+    """The names of the context's leaves (traced on 2 x 9 tokens) and their dynamic axes: the axes whose size
+    differs in a trace of 3 x 13 tokens."""
+    ex = _example(model, 3, 13, 0)
+    other = _ctx_leaves(model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])[1])[0]
+    if len(other) != len(leaves) or any(a.dim() != b.dim() for a, b in zip(leaves, other)):
         raise RuntimeError("the layers' context changes structure with the batch shape; this family does not export")
-    names = [f"ctx_{i}" for i in range(len(shapes[0]))]
-    axes = {n: {d: f"{n}_d{d}" for d, (x, y) in enumerate(zip(a, b)) if x != y}
-            for n, a, b in zip(names, *shapes)}
-    return names, axes, spec
+    names = [f"ctx_{i}" for i in range(len(leaves))]
+    axes = {n: {d: f"{n}_d{d}" for d, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y}
+            for n, a, b in zip(names, leaves, other)}
+    return names, axes
 
 
 @torch.inference_mode(False)
@@ -183,16 +180,15 @@ def export_graphs(model, folder: str | os.PathLike) -> dict[str, str]:
     was_training = model.training
     model.eval()
     try:
-        ctx_names, ctx_axes, spec = _ctx_axes(model)
         ex = _example(model, 2, 9, 0)
         hidden, ctx = model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
-        leaves = _ctx_leaves(ctx)[0]
+        leaves, spec = _ctx_leaves(ctx)
+        ctx_names, ctx_axes = _ctx_axes(model, leaves)
         axes = {"input_ids": _BT, "attention_mask": _BT, "token_type_ids": _BT, "hidden": _BT,
                 "hidden_out": _BT, "pooled": _B, "log_probs": _B, **ctx_axes}
         tok_in = ["input_ids", "attention_mask", "token_type_ids"]
         tok_args = (ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
         layer_out = ["hidden_out", "pooled", "log_probs"]
-        _export(_Embed(model), tok_args, folder / "embed.onnx", tok_in, ["hidden", *ctx_names], axes)
         _export(_First(model, spec), tok_args, folder / "first.onnx", tok_in, layer_out + ctx_names, axes)
         _export(_Context(model), (hidden, ex["attention_mask"]), folder / "context.onnx", ["hidden", "attention_mask"],
                 ctx_names, axes)
@@ -212,17 +208,15 @@ def _check_export(model, folder: Path) -> None:
     ex = _example(model, 4, 11, 1)
     real = ex["attention_mask"].bool().numpy()
     hidden, ctx = model.embed(ex["input_ids"], ex["attention_mask"], ex["token_type_ids"])
-    leaves = _ctx_leaves(ctx)[0]
+    leaves, spec = _ctx_leaves(ctx)
     np_in = {k: v.numpy() for k, v in ex.items()}
-    got_h, got_ctx = g.embed(np_in["input_ids"], np_in["attention_mask"], np_in["token_type_ids"])
-    pairs = [("embed.onnx", got_h[real], hidden.numpy()[real])]
-    pairs += [("embed.onnx", a, b.float().numpy()) for a, b in zip(got_ctx, leaves)]
+    first = g.first(np_in["input_ids"], np_in["attention_mask"], np_in["token_type_ids"])
+    pairs = [("first.onnx", a, b.float().numpy()) for a, b in zip(first[3:], leaves)]
     pairs += [("context.onnx", a, b.float().numpy()) for a, b in zip(g.context(hidden.numpy(), np_in["attention_mask"]),
                                                                      leaves)]
-    first = g.first(np_in["input_ids"], np_in["attention_mask"], np_in["token_type_ids"])
     h = hidden
     for l in range(model.num_layers):
-        want = _Layer(model, l, _ctx_leaves(ctx)[1]).eval()(h, ex["attention_mask"], *leaves)
+        want = _Layer(model, l, spec).eval()(h, ex["attention_mask"], *leaves)
         out = g.layer(l, h.numpy(), np_in["attention_mask"], [x.numpy() for x in leaves])
         runs = [(f"layer_{l}.onnx", out)] + ([("first.onnx", first[:3])] if l == 0 else [])
         for name, o in runs:
@@ -263,12 +257,10 @@ class OnnxGraphs:
         def session(name):
             return ort.InferenceSession(str(self.folder / name), sess_options=opts, providers=["CPUExecutionProvider"])
 
-        self._embed = session("embed.onnx")
         self._first = session("first.onnx")
         self._context = session("context.onnx")
         self._layers = [session(f"layer_{l}.onnx") for l in range(num_layers)]
         self._full = session("full.onnx")
-        self._embed_in = {i.name for i in self._embed.get_inputs()}
         self._first_in = {i.name for i in self._first.get_inputs()}
         self._full_in = {i.name for i in self._full.get_inputs()}
         self.ctx_names = [o.name for o in self._context.get_outputs()]
@@ -280,11 +272,6 @@ class OnnxGraphs:
         if "token_type_ids" in names:  # what BERT's embeddings do without token types: zeros
             feed["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
         return {k: v for k, v in feed.items() if k in names}
-
-    def embed(self, input_ids, attention_mask, token_type_ids=None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Token states after the embeddings [B, T, H] and the layers' context (its leaves)."""
-        hidden, *ctx = self._embed.run(None, self._feed(self._embed_in, input_ids, attention_mask, token_type_ids))
-        return hidden, ctx
 
     def first(self, input_ids, attention_mask, token_type_ids=None) -> list[np.ndarray]:
         """Embeddings, context and layer 1 with its exit in one call: [hidden, pooled, log_probs, *ctx]."""
