@@ -158,7 +158,7 @@ class SB3Exit(ExitPolicy):
     def stepper(self):
         """Layer-by-layer decisions in numpy (:mod:`agents.policies.stepper`), equal to :meth:`exit_at_layer`'s;
         None when the network holds a module the numpy path does not know (a custom features extractor)."""
-        from agents.policies.stepper import MLP, Stepper, mlp_from_sequential
+        from agents.policies.stepper import MLP, DecisionSpec, Stepper, mlp_from_sequential
 
         pol = self.model.policy
         q = hasattr(pol, "q_net")
@@ -180,7 +180,11 @@ class SB3Exit(ExitPolicy):
                 p = e[:, EXIT] / e.sum(-1)
             return p > thr
 
-        return Stepper(self.obs, self.num_layers, decide, self.obs_bound)
+        head = "argmax" if thr is None else "qdiff" if q else "softmax"
+        norm = {} if self.obs_mean is None else {"shift": self.obs_mean.astype(np.float32), "clip": self.clip_obs,
+                                                 "scale": np.sqrt(self.obs_var + self.epsilon).astype(np.float32)}
+        spec = DecisionSpec(layers, head, thr, exit_index=EXIT, **norm)
+        return Stepper(self.obs, self.num_layers, decide, self.obs_bound, spec=lambda l: spec)
 
     @torch.no_grad()
     def exit_probs(self, states: np.ndarray | None, log_probs: np.ndarray) -> np.ndarray:

@@ -66,6 +66,7 @@ from backbones.cli import Repeatable, UserError, parse, user_errors
 from backbones.files import write_json
 
 TARGETS = {1: 0.9, 32: 0.85}  # ratio measured / predicted speed-up, by batch size
+INTERLEAVE = ("pass", "batch")
 DEFAULT_RULES = ["static-3", "maxprob:auto"]
 
 
@@ -194,16 +195,34 @@ def load_policies(task: str, args, default_ckpt, cache_for) -> list[tuple[str, o
     return out
 
 
-def time_interleaved(variants: dict, batches: list, repeats: int) -> tuple[dict, dict]:
+def time_interleaved(variants: dict, batches: list, repeats: int, by: str = "pass") -> tuple[dict, dict]:
     """Wall and CPU seconds per pass over ``batches`` for each variant: lists of ``repeats`` values.
 
-    Every batch is run by every variant back to back (in an order rotating with the
-    batch), so slow changes in background load hit all variants alike. Pass 0 is a
-    warm-up and not recorded.
+    ``by="pass"``: each variant makes a whole pass over the batches, the variants one after another
+    in an order rotating with the repeat: what a deployment that serves one model sees (its
+    weights stay in the CPU's caches from one request to the next). ``by="batch"``: every batch is
+    run by every variant back to back (in an order rotating with the batch), so slow changes in
+    background load hit all variants alike, but each variant's weights are evicted from the caches
+    by the others' before each of its batches (see docs/inference_speed.md). Pass 0 is a warm-up
+    and not recorded.
     """
+    if by not in INTERLEAVE:
+        raise ValueError(f"by must be one of {INTERLEAVE}; got {by!r}")
     names = list(variants)
     wall = {k: [] for k in names}
     cpu = {k: [] for k in names}
+    if by == "pass":
+        for r in range(repeats + 1):
+            j = r % len(names)
+            for k in names[j:] + names[:j]:
+                c0, t0 = time.process_time(), time.perf_counter()
+                for inputs in batches:
+                    variants[k](inputs)
+                w, c = time.perf_counter() - t0, time.process_time() - c0
+                if r > 0:
+                    wall[k].append(w)
+                    cpu[k].append(c)
+        return wall, cpu
     for r in range(repeats + 1):
         w = dict.fromkeys(names, 0.0)
         c = dict.fromkeys(names, 0.0)
@@ -262,7 +281,9 @@ def bench_policy(task: str, ds, policy, desc: str, ckpt: Path, cache, args) -> d
     if "onnx" in args.runtime:
         from agents.inference.onnx_runtime import OnnxEarlyExitClassifier, load_graphs
 
-        clfs["onnx"] = OnnxEarlyExitClassifier(model, clf.tokenizer, policy, load_graphs(ckpt, model, args.threads))
+        clfs["onnx"] = OnnxEarlyExitClassifier(model, clf.tokenizer, policy, load_graphs(ckpt, model, args.threads),
+                                               decisions=args.decisions)
+        pres_decisions = "graph" if clfs["onnx"].decision_graphs() is not None else "numpy"
     ev = evaluate(policy, cache)
     n = len(ds)
     ev_exits, ev_preds = ev.exit_layers[:n], ev.preds[:n]
@@ -276,6 +297,8 @@ def bench_policy(task: str, ds, policy, desc: str, ckpt: Path, cache, args) -> d
     pres = {"description": desc, "checkpoint": str(ckpt), "num_layers": L, "avg_exit_layer": avg_exit,
             "predicted_speedup": pred, "predicted_speedup_token_weighted": tok_pred,
             f"dev_{ev.metric_name}": ev.metric, "runtimes": list(args.runtime), "batch": {}}
+    if "onnx" in clfs:
+        pres["onnx_decisions"] = pres_decisions
     print(f"\n{task} [{policy.name}]: {desc}\n  checkpoint {ckpt}; dev {ev.metric_name} {100 * ev.metric:.1f} at "
           f"avg exit {avg_exit:.2f}/{L} -> predicted speed-up {pred:.2f}x ({tok_pred:.2f}x token-weighted)")
     for bs in args.batch_sizes:
@@ -308,7 +331,7 @@ def bench_policy(task: str, ds, policy, desc: str, ckpt: Path, cache, args) -> d
         timed = {k: (lambda pair, f=f, rt=k.split(":")[0]: f(pair[0] if rt == "torch" else pair[1]))
                  for k, f in variants.items()}
         with torch.inference_mode():
-            times, cpu_times = time_interleaved(timed, pairs, args.repeats)
+            times, cpu_times = time_interleaved(timed, pairs, args.repeats, args.interleave)
         med = {k: statistics.median(v) for k, v in times.items()}
         cmed = {k: statistics.median(v) for k, v in cpu_times.items()}
         row = {"seconds": med, "all_seconds": times, "cpu_seconds": cmed,
@@ -391,6 +414,14 @@ class Args:
     """batch sizes"""
     repeats: int = 5
     """timed passes per variant after a warm-up (median)"""
+    interleave: str = "pass"
+    """pass: each variant times whole passes over the dev set, the variants taking turns pass by pass (a
+    deployment serving one model); batch: the variants take turns batch by batch (each one's weights evicted
+    from the caches by the others' in between)"""
+    decisions: str = "auto"
+    """where ONNX Runtime's early exit makes the exit decision: graph (inside each layer's graph, for policies
+    whose decision exports), numpy (after each layer, in Python), auto (graph for learned policies, numpy for
+    the max-probability / entropy / patience rules)"""
     limit: int | None = None
     """time only the first N dev instances; None: all"""
     threads: int | None = None
@@ -408,6 +439,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if bad or not args.runtime:
         raise UserError(f"--runtime takes one or more of {', '.join(RUNTIMES)}; got {' '.join(args.runtime) or 'none'}")
     args.runtime = tuple(dict.fromkeys(args.runtime))
+    from agents.inference.onnx_runtime import DECISIONS
+
+    if args.interleave not in INTERLEAVE:
+        raise UserError(f"--interleave takes one of {', '.join(INTERLEAVE)}; got {args.interleave}")
+    if args.decisions not in DECISIONS:
+        raise UserError(f"--decisions takes one of {', '.join(DECISIONS)}; got {args.decisions}")
     args.threads = args.threads or os.cpu_count() or 1
 
     torch.set_num_threads(args.threads)
@@ -419,6 +456,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     out = Path(args.out) if args.out else runs_dir() / "benchmarks" / "inference_speed.json"
     meta = {"targets_ratio_by_batch": TARGETS, "threads": args.threads, "repeats": args.repeats,
+            "interleave": args.interleave, "decisions": args.decisions,
             "load_average_at_start": load, "machine": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     results: list[dict] = []

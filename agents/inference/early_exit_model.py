@@ -276,17 +276,18 @@ class EarlyExitClassifier:
             self._stepper_cache = cached = (key, policy.stepper())
         return cached[1]
 
-    def exit_loop(self, hidden, mask, step, shrink) -> tuple[np.ndarray, np.ndarray, int]:
+    def exit_loop(self, hidden, mask, step, shrink, decided: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
         """The early-exit bookkeeping every runtime shares: after each layer the policy is asked, exited rows
         leave the batch (and padding columns no remaining row needs are cut when ``trim_padding``).
 
         ``step(l, hidden, mask) -> (hidden, pooled [B, H], log_probs [B, C])`` runs layer ``l`` and its
         classifier (pooled and log_probs as numpy float32); ``shrink(hidden, mask, keep, cols)`` keeps the
         rows ``keep`` (int indices) and the columns ``cols = (lo, hi)`` (None: all). ``hidden`` and ``mask``
-        are the runtime's own arrays; ``mask`` must convert with ``np.asarray``.
+        are the runtime's own arrays; ``mask`` must convert with ``np.asarray``. With ``decided``, ``step`` returns
+        the layer's exit decisions [B] as a fourth value (the runtime made them) and the policy is not asked.
         """
         policy, L, c = self.policy, self.num_layers, len(self.label_names)
-        stepper = self._policy_stepper()
+        stepper = None if decided else self._policy_stepper()
         needs_states = getattr(stepper or policy, "needs_states", True)
         b = mask.shape[0]
         rows = np.arange(b)  # original row of each row still in the batch
@@ -297,11 +298,13 @@ class EarlyExitClassifier:
         if stepper is not None:
             stepper.start(b)
         for l in range(L):
-            hidden, pooled, logp = step(l, hidden, mask)
+            hidden, pooled, logp, *given = step(l, hidden, mask)
             if l == L - 1:
                 out_logp[rows], out_exit[rows] = logp, L
                 return out_logp, out_exit, L
-            if stepper is not None:  # this layer's outputs only; the stepper carries what it needs
+            if decided:
+                ex = given[0]
+            elif stepper is not None:  # this layer's outputs only; the stepper carries what it needs
                 ex = stepper.decide(l, pooled if needs_states else None, logp)
             else:
                 hist_logp[:, l] = logp
@@ -323,7 +326,7 @@ class EarlyExitClassifier:
             rows = rows[keep]
             if stepper is not None:
                 stepper.keep(keep)
-            else:
+            elif not decided:
                 hist_logp = hist_logp[keep]
                 if needs_states:
                     hist_states = hist_states[keep]

@@ -53,10 +53,11 @@ from agents.inference.early_exit_model import EarlyExitClassifier, full_depth_lo
 from agents.policies import StaticExit
 from backbones.files import claim, read_json, sha256_file, stored_path, write_json
 
-__all__ = ["OnnxGraphs", "OnnxEarlyExitClassifier", "export_graphs", "ensure_export", "export_folder"]
+__all__ = ["OnnxGraphs", "OnnxEarlyExitClassifier", "export_graphs", "ensure_export", "export_folder", "DECISIONS"]
 
 FORMAT = 2  # 2: the context is a graph input (first/context graphs); 1: rebuilt inside every layer graph
 RECORD = "onnx.json"
+DECISIONS = ("auto", "graph", "numpy")  # where the exit decision runs (OnnxEarlyExitClassifier(decisions=...))
 OPSET = 17
 EXPORT_ATOL = 1e-4  # an exported graph must reproduce PyTorch within this on a batch it was not traced on
 
@@ -246,13 +247,7 @@ class OnnxGraphs:
         import onnxruntime as ort
 
         self.folder, self.num_layers, self.threads = Path(folder), num_layers, threads
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.inter_op_num_threads = 1
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.log_severity_level = 3
+        opts = self.session_options()
 
         def session(name):
             return ort.InferenceSession(str(self.folder / name), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -265,6 +260,19 @@ class OnnxGraphs:
         self._full_in = {i.name for i in self._full.get_inputs()}
         self.ctx_names = [o.name for o in self._context.get_outputs()]
         self._layer_in = [{i.name for i in s.get_inputs()} for s in self._layers]
+
+    def session_options(self):
+        """ONNX Runtime's options for every session of this model: all graph optimisations, ``threads``."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+        opts.log_severity_level = 3
+        return opts
 
     @staticmethod
     def _feed(names: set[str], input_ids, attention_mask, token_type_ids) -> dict[str, np.ndarray]:
@@ -371,8 +379,12 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
 
     runtime = "onnx"
 
-    def __init__(self, model, tokenizer, policy, graphs: OnnxGraphs, trim_padding: bool = True) -> None:
+    def __init__(self, model, tokenizer, policy, graphs: OnnxGraphs, trim_padding: bool = True,
+                 decisions: str = "auto") -> None:
         super().__init__(model, tokenizer, policy, trim_padding)
+        if decisions not in DECISIONS:
+            raise ValueError(f"decisions must be one of {', '.join(DECISIONS)}; got {decisions!r}")
+        self.decisions = decisions
         if graphs.num_layers != self.num_layers:
             raise ValueError(f"the ONNX graphs in {graphs.folder} have {graphs.num_layers} layers, the model "
                              f"{self.num_layers}")
@@ -397,8 +409,12 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
         [B] (1-based), layer calls made."""
         ids, mask = _np(input_ids), _np(attention_mask)
         g = self.graphs
+        static = type(self.policy) is StaticExit
+        dec = None if static else self.decision_graphs()
+        if dec is not None:
+            return self._classify_decided(dec, ids, mask, token_type_ids)
         hidden, pooled, logp, *ctx = g.first(ids, mask, None if token_type_ids is None else _np(token_type_ids))
-        if type(self.policy) is StaticExit:  # reads no outputs: k layers, the k-th classifier
+        if static:  # reads no outputs: k layers, the k-th classifier
             k = min(max(int(self.policy.k), 1), self.num_layers)
             for l in range(1, k):
                 hidden, _, logp = g.layer(l, hidden, mask, ctx)
@@ -417,6 +433,55 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
             return hidden, mask
 
         return self.exit_loop(hidden, mask, step, shrink)
+
+    def decision_graphs(self):
+        """The layer graphs merged with the policy's exported decision (:mod:`agents.inference.onnx_decision`),
+        built once per policy and threshold; None when the decision stays in numpy: ``decisions="numpy"``, a
+        policy whose decision does not export, or with ``"auto"`` a max-probability / entropy / patience rule (one
+        array op in numpy; measured no slower there than as graph nodes, see docs/inference_speed.md)."""
+        from agents.policies.heuristics import EntropyExit, MaxProbExit, PatienceExit
+
+        policy = self.policy
+        if self.decisions == "numpy" or (self.decisions == "auto"
+                                         and type(policy) in (MaxProbExit, EntropyExit, PatienceExit)):
+            return None
+        key = (id(policy), getattr(policy, "threshold", None), getattr(policy, "patience", None))
+        cached = getattr(self, "_decision_cache", None)
+        if cached is None or cached[0] != key or cached[2] is not policy:
+            from agents.inference.onnx_decision import DecisionGraphs
+
+            hidden = int(self.model.encoder.config.hidden_size)
+            self._decision_cache = cached = (key, DecisionGraphs.for_policy(self.graphs, policy, len(self.label_names),
+                                                                            hidden), policy)
+        return cached[1]
+
+    def _classify_decided(self, dec, ids, mask, token_type_ids):
+        g, n_ctx = self.graphs, len(self.graphs.ctx_names)
+        hidden, logp, *rest = dec.first(ids, mask, None if token_type_ids is None else _np(token_type_ids))
+        ctx, ex, carry = rest[:n_ctx], rest[n_ctx], rest[n_ctx + 1:]
+        first = (hidden, None, logp, ex)
+        last = self.num_layers - 1
+
+        def step(l, hidden, mask):
+            if l == 0:
+                return first
+            if l == last:  # the last layer always exits: no decision
+                hidden, _, logp = g.layer(l, hidden, mask, ctx)
+                return hidden, None, logp
+            hidden, logp, ex, *c = dec.layer(l, hidden, mask, ctx, carry)
+            carry[:] = c
+            return hidden, None, logp, ex
+
+        def shrink(hidden, mask, keep, cols):
+            carry[:] = [c[keep] for c in carry]
+            hidden, mask = hidden[keep], mask[keep]
+            if cols is not None:
+                hidden, mask = hidden[:, cols[0]:cols[1]], mask[:, cols[0]:cols[1]]
+            hidden, mask = np.ascontiguousarray(hidden), np.ascontiguousarray(mask)
+            ctx[:] = g.context(hidden, mask)
+            return hidden, mask
+
+        return self.exit_loop(hidden, mask, step, shrink, decided=True)
 
 
 def _np(x) -> np.ndarray:

@@ -34,7 +34,7 @@ class LearnedExit(ExitPolicy):
 
     def stepper(self):
         """Layer-by-layer decisions in numpy (:mod:`agents.policies.stepper`), equal to :meth:`exit_at_layer`'s."""
-        from agents.policies.stepper import _gelu, Stepper
+        from agents.policies.stepper import _gelu, DecisionSpec, Stepper
 
         net = self.net
         mean, std = net.mean.detach().cpu().numpy(), net.std.detach().cpu().numpy()
@@ -51,7 +51,13 @@ class LearnedExit(ExitPolicy):
             z = _gelu(h) @ w2[g] + b2[g]
             return np.float32(1.0) / (np.float32(1.0) + np.exp(-z)) > thr
 
-        return Stepper(net.features, net.num_layers, decide)
+        def spec(l: int) -> DecisionSpec:
+            g = 0 if net.shared else l
+            bias = b1[g] if emb is None else b1[g] + emb[l]
+            return DecisionSpec([(w1[g], bias, "gelu"), (w2[g][:, None], b2[g:g + 1], "identity")], "sigmoid", thr,
+                                shift=mean, scale=std)
+
+        return Stepper(net.features, net.num_layers, decide, spec=spec)
 
     def exit_mask(self, cache: LayerCache) -> np.ndarray:
         mask = self.exit_probs(cache.states if self.needs_states else None, cache.log_probs) > self.threshold

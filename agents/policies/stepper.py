@@ -20,12 +20,14 @@ that of the threshold. ``tests/test_stepper.py`` checks every policy kind agains
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.special import erf
 
 from cee_env.observations import N_CONFIDENCE, uses_states
 
-__all__ = ["Stepper", "MLP", "mlp_from_sequential"]
+__all__ = ["Stepper", "MLP", "mlp_from_sequential", "DecisionSpec"]
 
 _SQRT1_2 = np.float32(np.sqrt(0.5))
 
@@ -87,12 +89,35 @@ def mlp_from_sequential(modules) -> list[tuple[np.ndarray, np.ndarray, str]] | N
     return [tuple(l) for l in out] if ok and out else None
 
 
+@dataclass
+class DecisionSpec:
+    """What ``decide_obs`` computes at one layer, as data (what an exported graph of the decision is built from):
+    ``x = (obs - shift) / scale`` (each optional), clipped to +-``clip`` (optional), through ``layers`` (an
+    :class:`MLP`'s list), then ``head``:
+
+    - ``"sigmoid"``: one output z; exit iff sigmoid(z) > threshold
+    - ``"argmax"``: exit iff the arg max of the outputs (first on ties) is ``exit_index``
+    - ``"softmax"``: exit iff softmax(outputs)[exit_index] > threshold
+    - ``"qdiff"``: exit iff sigmoid(out[exit_index] - out[1 - exit_index]) > threshold
+    """
+
+    layers: list
+    head: str
+    threshold: float | None = None
+    shift: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    clip: float | None = None
+    exit_index: int = 1
+
+
 class Stepper:
     """Incremental observation (``mode`` of :mod:`cee_env.observations`, states clipped to ``bound``) and a
-    decision function ``decide_obs(l, obs [B, D] float32) -> bool [B]``."""
+    decision function ``decide_obs(l, obs [B, D] float32) -> bool [B]``; ``spec(l)`` (optional) is the same
+    decision as a :class:`DecisionSpec` (None: it cannot be described as one)."""
 
-    def __init__(self, mode: str, num_layers: int, decide_obs, bound: float = 50.0) -> None:
+    def __init__(self, mode: str, num_layers: int, decide_obs, bound: float = 50.0, spec=None) -> None:
         self.mode, self.L, self.bound, self.decide_obs = mode, int(num_layers), float(bound), decide_obs
+        self.spec = spec
         self.states = uses_states(mode)
         self.needs_states = self.states
         self.start(0)

@@ -1,0 +1,333 @@
+"""The exit decision inside ONNX Runtime: each layer's graph also computes the observation and the policy's answer.
+
+    dec = DecisionGraphs.for_policy(graphs, policy)   # None: this policy has no exportable decision
+    hidden, log_probs, exits, *carry, *ctx = dec.first(input_ids, attention_mask, token_type_ids)
+    hidden, log_probs, exits, *carry = dec.layer(l, hidden, attention_mask, ctx, carry)
+
+Why: asking the policy in numpy after every layer costs 40-60 us per layer (the confidence features,
+the MLP, Python between two ONNX Runtime calls); on a short input at batch 1 a MiniLM layer is
+~0.6-0.9 ms, so that alone is 5-10% of what early exit saves. Here the decision is a small graph
+(:class:`DecisionModule`, exported with ``torch.onnx.export``) merged *in memory* with the layer's
+graph (``onnx.compose.merge_models``), so one ONNX Runtime call per layer returns the layer's
+log-probabilities and its exit decisions.
+
+What a decision reads from earlier layers (the previous prediction, the patience count, the
+previous max probability: the history features of :mod:`cee_env.observations`) is carried from
+graph to graph as inputs and outputs (``carry``), as :class:`~agents.policies.stepper.Stepper`
+carries it in numpy. Which policies export:
+
+- a policy whose stepper describes its decision as a :class:`~agents.policies.stepper.DecisionSpec`
+  (REINFORCE / FQI's :class:`~agents.policies.LearnedExit`, SB3's PPO / A2C / DQN with MLP policies),
+  with any observation mode;
+- the heuristics :class:`~agents.policies.heuristics.MaxProbExit`, ``EntropyExit`` and ``PatienceExit``.
+
+Others (a custom policy, a policy that reads all layers at once) keep the numpy decision.
+
+The decision graphs depend on the policy, not on the backbone's weights: they are exported once per
+policy into ``<the checkpoint's export>/decide-<sha256[:16]>/`` where the hash is taken over what
+the graphs are made from (the module's kind, observation mode, sizes, threshold and every weight),
+with ``decide.json`` recording each file's sha256, checked on load (a mismatch is rebuilt). Each is
+checked against the torch module it was exported from on a batch it was not traced on.
+
+Numerics: the observation is computed in float32 here (float64 in numpy), so a decision can differ
+from the numpy one only when its score lies within float32 rounding (~1e-6) of the threshold;
+:mod:`benchmarks.inference_speed` counts exits that differ from the evaluator's on every timed instance.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from backbones.files import claim, read_json, sha256_file, write_json
+from cee_env.observations import N_CONFIDENCE, uses_states
+
+__all__ = ["DecisionModule", "DecisionGraphs", "decision_modules"]
+
+FORMAT = 1
+RECORD = "decide.json"
+CARRY = ["prev_pred", "patience", "prev_max"]
+_ACTS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": nn.functional.gelu, "identity": lambda x: x}
+
+
+class DecisionModule(nn.Module):
+    """The exit decision at 0-based layer ``l``: ``(pooled [B, H], log_probs [B, C], prev_pred [B] int64,
+    patience [B], prev_max [B]) -> (exit [B] bool, score [B], pred, patience, max_prob)``.
+
+    ``kind``: ``"spec"`` (an observation of ``mode`` through a :class:`~agents.policies.stepper.DecisionSpec`),
+    ``"maxprob"`` (max probability > threshold), ``"entropy"`` (entropy in nats < threshold) or ``"patience"``
+    (PABEE's counter >= threshold; 0: never). ``score`` is the quantity the rule thresholds (for checks)."""
+
+    def __init__(self, kind: str, l: int, num_layers: int, num_classes: int, threshold: float | None = None,
+                 mode: str | None = None, bound: float = 50.0, spec=None) -> None:
+        super().__init__()
+        self.kind, self.l, self.L, self.C, self.mode, self.bound = kind, int(l), int(num_layers), int(num_classes), mode, \
+            float(bound)
+        self.threshold = None if threshold is None else float(threshold)
+        self.head, self.exit_index, self.clip = None, 1, None
+        self.acts: list[str] = []
+        if kind == "spec":
+            self.head, self.exit_index, self.clip = spec.head, int(spec.exit_index), spec.clip
+            self.threshold = None if spec.threshold is None else float(spec.threshold)
+            for name, v in (("shift", spec.shift), ("scale", spec.scale)):
+                self.register_buffer(name, None if v is None else torch.as_tensor(np.asarray(v, np.float32)))
+            for i, (w, b, act) in enumerate(spec.layers):
+                self.register_buffer(f"w{i}", torch.as_tensor(np.ascontiguousarray(w, np.float32)))
+                self.register_buffer(f"b{i}", torch.as_tensor(np.asarray(b, np.float32)))
+                self.acts.append(act)
+        elif kind not in ("maxprob", "entropy", "patience"):
+            raise ValueError(f"unknown decision kind {kind!r}")
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "l": self.l, "L": self.L, "C": self.C, "threshold": self.threshold, "mode": self.mode,
+                "bound": self.bound, "head": self.head, "exit_index": self.exit_index, "clip": self.clip,
+                "acts": self.acts}
+
+    def forward(self, pooled, log_probs, prev_pred, patience, prev_max):
+        lp = log_probs.float()
+        if self.kind == "maxprob":  # (only what the rule reads: each node is ~1 us at batch 1; the history
+            score = torch.exp(lp.max(-1).values)  # passes through unchanged)
+            return score > self.threshold, score, prev_pred, patience, prev_max
+        p = torch.exp(lp)
+        if self.kind == "entropy":
+            score = -(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
+            return score < self.threshold, score, prev_pred, patience, prev_max
+        pred = torch.argmax(lp, dim=-1)
+        if self.l > 0:
+            agree = pred == prev_pred
+            count = torch.where(agree, patience + 1.0, torch.zeros_like(patience))
+        else:
+            agree = torch.zeros_like(pred, dtype=torch.bool)
+            count = torch.zeros(lp.shape[0], dtype=lp.dtype)
+        if self.kind == "patience":
+            exit_ = (count >= self.threshold) if self.threshold > 0 else torch.zeros_like(agree)
+            return exit_, count, pred, count, prev_max
+        top2 = torch.topk(p, 2, dim=-1).values
+        ent = -(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
+        score, exit_ = self._spec(pooled, lp, p, top2, ent, agree, count, prev_max)
+        return exit_, score, pred, count, top2[:, 0]
+
+    def _spec(self, pooled, lp, p, top2, ent, agree, count, prev_max):
+        b, L, l = lp.shape[0], self.L, self.l
+        parts = []
+        if uses_states(self.mode):
+            parts.append(torch.clamp(pooled.float(), -self.bound, self.bound))
+        onehot = torch.zeros(b, L, dtype=lp.dtype)
+        onehot[:, l] = 1.0
+        if self.mode == "state_layer":
+            parts.append(onehot)
+        elif self.mode == "state_probs":
+            parts.append(torch.clamp(p, 0.0, 1.0))
+        elif self.mode in ("confidence", "state_confidence"):
+            prev = prev_max if l > 0 else torch.zeros_like(top2[:, 0])
+            conf = torch.stack([top2[:, 0], top2[:, 1], torch.clamp(ent / math.log(max(self.C, 2)), 0.0, 1.0),
+                                agree.float(), count / max(L - 1, 1), prev.float()], -1)
+            parts += [conf, onehot, torch.clamp(p, 0.0, 1.0)]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        if self.shift is not None:
+            x = x - self.shift
+        if self.scale is not None:
+            x = x / self.scale
+        if self.clip is not None:
+            x = torch.clamp(x, -self.clip, self.clip)
+        for i, act in enumerate(self.acts):
+            x = _ACTS[act](x @ getattr(self, f"w{i}") + getattr(self, f"b{i}"))
+        e = self.exit_index
+        if self.head == "sigmoid":
+            score = torch.sigmoid(x[:, 0])
+        elif self.head == "argmax":
+            score = x[:, e] - x[:, 1 - e]
+            return score, torch.argmax(x, dim=-1) == e
+        elif self.head == "softmax":
+            score = torch.softmax(x, -1)[:, e]
+        else:  # qdiff
+            score = torch.sigmoid(x[:, e] - x[:, 1 - e])
+        return score, score > self.threshold
+
+
+def decision_modules(policy, num_layers: int, num_classes: int) -> list[DecisionModule] | None:
+    """One :class:`DecisionModule` per layer but the last (which always exits) for ``policy``; None when its
+    decision does not export (it then stays in numpy)."""
+    from agents.policies.heuristics import EntropyExit, MaxProbExit, PatienceExit
+
+    L, C = int(num_layers), int(num_classes)
+    if C < 2:
+        return None
+    kinds = {MaxProbExit: ("maxprob", "threshold"), EntropyExit: ("entropy", "threshold"),
+             PatienceExit: ("patience", "patience")}
+    if type(policy) in kinds:
+        kind, attr = kinds[type(policy)]
+        return [DecisionModule(kind, l, L, C, float(getattr(policy, attr))) for l in range(L - 1)]
+    make = getattr(policy, "stepper", None)
+    stepper = make() if make is not None else None
+    if stepper is None or getattr(stepper, "spec", None) is None or stepper.L != L:
+        return None
+    return [DecisionModule("spec", l, L, C, mode=stepper.mode, bound=stepper.bound, spec=stepper.spec(l))
+            for l in range(L - 1)]
+
+
+def fingerprint(modules: list[DecisionModule]) -> str:
+    """sha256 over what the decision graphs are made from: format, each module's configuration and weights."""
+    h = hashlib.sha256(f"decide-format-{FORMAT}".encode())
+    for m in modules:
+        h.update(json.dumps(m.config(), sort_keys=True).encode())
+        for name, t in sorted(m.state_dict().items()):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- export and check
+_IN = ["pooled", "log_probs", *CARRY]
+_OUT = ["exit", "score", *(f"{c}_out" for c in CARRY)]
+
+
+def _example(hidden: int, num_classes: int, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, num_classes, generator=g) * 3
+    return (torch.randn(batch, hidden, generator=g), torch.log_softmax(logits, -1),
+            torch.randint(0, num_classes, (batch,), generator=g), torch.randint(0, 3, (batch,), generator=g).float(),
+            torch.rand(batch, generator=g))
+
+
+def _graph_name(l: int) -> str:
+    return f"decide_{l}.onnx"
+
+
+@torch.no_grad()
+def export_decisions(modules: list[DecisionModule], hidden: int, folder: Path) -> dict[str, str]:
+    from agents.inference.onnx_runtime import OPSET
+
+    folder.mkdir(parents=True, exist_ok=True)
+    axes = {n: {0: "batch"} for n in _IN + _OUT}
+    for m in modules:
+        m.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(m, _example(hidden, m.C, 2, 0), str(folder / _graph_name(m.l)), dynamo=False,
+                              opset_version=OPSET, input_names=_IN, output_names=_OUT, dynamic_axes=axes)
+    _check(modules, hidden, folder)
+    return {_graph_name(m.l): sha256_file(folder / _graph_name(m.l)) for m in modules}
+
+
+@torch.no_grad()
+def _check(modules: list[DecisionModule], hidden: int, folder: Path) -> None:
+    """Each graph against its torch module on 64 rows it was not traced on: scores within 1e-4, and the same
+    decisions wherever the score is not within 1e-4 of the threshold."""
+    import onnxruntime as ort
+
+    for m in modules:
+        sess = ort.InferenceSession(str(folder / _graph_name(m.l)), providers=["CPUExecutionProvider"])
+        ex = _example(hidden, m.C, 64, 1 + m.l)
+        names = {i.name for i in sess.get_inputs()}
+        got = sess.run(None, {k: v.numpy() for k, v in zip(_IN, ex) if k in names})
+        want = [t.numpy() for t in m(*ex)]
+        for name, a, b in zip(_OUT, got, want):
+            if a.shape != b.shape:
+                raise RuntimeError(f"the exported decision graph {_graph_name(m.l)} gives {name} of shape {a.shape}, "
+                                   f"torch {b.shape}")
+        err = float(np.abs(got[1].astype(np.float64) - want[1]).max())
+        near = np.abs(want[1] - (m.threshold if m.threshold is not None else 0.0)) <= 1e-4
+        if err > 1e-4 or (got[0] != want[0])[~near].any() or (got[2] != want[2]).any():
+            raise RuntimeError(f"the exported decision graph {_graph_name(m.l)} differs from its torch module "
+                               f"(largest score difference {err:.3g})")
+
+
+def _usable(folder: Path, sha: str, names: list[str]) -> str | None:
+    if not (folder / RECORD).is_file():
+        return "no record"
+    try:
+        rec = read_json(folder / RECORD, "")
+    except ValueError as e:
+        return str(e)
+    if rec.get("format") != FORMAT or rec.get("sha256") != sha:
+        return "made from another policy or format"
+    files = rec.get("files", {})
+    if sorted(files) != sorted(names):
+        return f"{RECORD} does not list the decision graphs"
+    for name, fsha in files.items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(folder / name) != fsha:
+            return f"{name} does not match the sha256 in {RECORD} (corrupt or modified)"
+    return None
+
+
+def ensure_decisions(export: Path, modules: list[DecisionModule], hidden: int) -> Path:
+    """The checked decision graphs of ``modules`` under the backbone's export folder ``export`` (exported on
+    first use, or again when they do not match their record)."""
+    sha = fingerprint(modules)
+    folder = Path(export) / f"decide-{sha[:16]}"
+    names = [_graph_name(m.l) for m in modules]
+    if _usable(folder, sha, names) is None:
+        return folder
+    with claim(folder, f"the ONNX decision graphs in {folder}"):
+        if _usable(folder, sha, names) is None:
+            return folder
+        (folder / RECORD).unlink(missing_ok=True)
+        files = export_decisions(modules, hidden, folder)
+        write_json(folder / RECORD, {"format": FORMAT, "sha256": sha, "kind": modules[0].kind,
+                                     "mode": modules[0].mode, "files": files}, indent=2)
+    return folder
+
+
+# --------------------------------------------------------------------------- sessions: layer + decision, merged
+class DecisionGraphs:
+    """Sessions of the backbone's first graph and layer graphs, each merged with that layer's decision graph."""
+
+    def __init__(self, graphs, folder: Path, num_layers: int) -> None:
+        import onnx
+        import onnxruntime as ort
+        from onnx import compose
+
+        self.folder, self.num_layers, self.graphs = Path(folder), num_layers, graphs
+        opts = graphs.session_options()
+
+        def merged(base: str, l: int):
+            m1 = onnx.load(str(graphs.folder / base))
+            m2 = onnx.load(str(self.folder / _graph_name(l)))
+            outs = [o.name for o in m1.graph.output if o.name != "pooled"]
+            keep = ["hidden_out", "log_probs"] + [n for n in outs if n not in ("hidden_out", "log_probs")]
+            m2_in = {i.name for i in m2.graph.input}
+            io = [(n, n) for n in ("pooled", "log_probs") if n in m2_in]
+            m = compose.merge_models(m1, m2, io_map=io, prefix2="d_",
+                                     outputs=keep + ["d_exit"] + [f"d_{c}_out" for c in CARRY])
+            return ort.InferenceSession(m.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+
+        self._first = merged("first.onnx", 0)
+        self._layers = [None] + [merged(f"layer_{l}.onnx", l) for l in range(1, num_layers - 1)]
+        self._first_in = {i.name for i in self._first.get_inputs()}
+        self._layer_in = [None] + [{i.name for i in s.get_inputs()} for s in self._layers[1:]]
+        carry_out = [f"d_{c}_out" for c in CARRY]
+        self._first_out = ["hidden_out", "log_probs", *graphs.ctx_names, "d_exit", *carry_out]
+        self._layer_out = ["hidden_out", "log_probs", "d_exit", *carry_out]
+
+    @classmethod
+    def for_policy(cls, graphs, policy, num_classes: int, hidden: int) -> "DecisionGraphs | None":
+        mods = decision_modules(policy, graphs.num_layers, num_classes)
+        if mods is None:
+            return None
+        return cls(graphs, ensure_decisions(graphs.folder, mods, hidden), graphs.num_layers)
+
+    def first(self, input_ids, attention_mask, token_type_ids=None) -> list[np.ndarray]:
+        """[hidden, log_probs, *ctx, exit, prev_pred, patience, prev_max] after embeddings, layer 1 and its decision."""
+        feed = self.graphs._feed(self._first_in, input_ids, attention_mask, token_type_ids)
+        b = input_ids.shape[0]
+        zeros = {"d_prev_pred": np.zeros(b, np.int64), "d_patience": np.zeros(b, np.float32),
+                 "d_prev_max": np.zeros(b, np.float32)}  # (layer 1 reads no history; fed if the graph kept them)
+        feed.update({k: v for k, v in zeros.items() if k in self._first_in})
+        return self._first.run(self._first_out, feed)
+
+    def layer(self, l: int, hidden, attention_mask, ctx, carry) -> list[np.ndarray]:
+        """Layer ``l`` (1 <= l < L - 1) with its decision: [hidden, log_probs, exit, prev_pred, patience, prev_max]."""
+        feed = {"hidden": hidden, "attention_mask": attention_mask, **dict(zip(self.graphs.ctx_names, ctx)),
+                **{f"d_{c}": v for c, v in zip(CARRY, carry)}}
+        names = self._layer_in[l]
+        return self._layers[l].run(self._layer_out, {k: v for k, v in feed.items() if k in names})
