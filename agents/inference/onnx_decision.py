@@ -63,93 +63,137 @@ class DecisionModule(nn.Module):
 
     ``kind``: ``"spec"`` (an observation of ``mode`` through a :class:`~agents.policies.stepper.DecisionSpec`),
     ``"maxprob"`` (max probability > threshold), ``"entropy"`` (entropy in nats < threshold) or ``"patience"``
-    (PABEE's counter >= threshold; 0: never). ``score`` is the quantity the rule thresholds (for checks)."""
+    (PABEE's counter >= threshold; 0: never). ``score`` is the quantity the rule thresholds (for checks).
+
+    Written for a small graph (every node costs ~1 us at batch 1): no shape-dependent constants, and when
+    the spec does not clip, the normalisation and the layer's one-hot are folded into the first linear
+    layer (``((x - shift) / scale) @ W + b`` = ``x @ (W / scale) + (b - (shift / scale) @ W)``, the one-hot
+    row of ``W`` added to the bias), which is then applied to each part of the observation separately
+    instead of to their concatenation; equal up to float32 rounding."""
 
     def __init__(self, kind: str, l: int, num_layers: int, num_classes: int, threshold: float | None = None,
                  mode: str | None = None, bound: float = 50.0, spec=None) -> None:
         super().__init__()
-        self.kind, self.l, self.L, self.C, self.mode, self.bound = kind, int(l), int(num_layers), int(num_classes), mode, \
-            float(bound)
+        self.kind, self.l, self.L, self.C, self.mode = kind, int(l), int(num_layers), int(num_classes), mode
+        self.bound = float(bound)
         self.threshold = None if threshold is None else float(threshold)
-        self.head, self.exit_index, self.clip = None, 1, None
+        self.head, self.exit_index, self.clip, self.folded = None, 1, None, False
         self.acts: list[str] = []
+        self.segments: list[tuple[str, int]] = []
         if kind == "spec":
-            self.head, self.exit_index, self.clip = spec.head, int(spec.exit_index), spec.clip
-            self.threshold = None if spec.threshold is None else float(spec.threshold)
-            for name, v in (("shift", spec.shift), ("scale", spec.scale)):
-                self.register_buffer(name, None if v is None else torch.as_tensor(np.asarray(v, np.float32)))
-            for i, (w, b, act) in enumerate(spec.layers):
-                self.register_buffer(f"w{i}", torch.as_tensor(np.ascontiguousarray(w, np.float32)))
-                self.register_buffer(f"b{i}", torch.as_tensor(np.asarray(b, np.float32)))
-                self.acts.append(act)
+            self._init_spec(spec)
         elif kind not in ("maxprob", "entropy", "patience"):
             raise ValueError(f"unknown decision kind {kind!r}")
+
+    def _init_spec(self, spec) -> None:
+        self.head, self.exit_index, self.clip = spec.head, int(spec.exit_index), spec.clip
+        self.threshold = None if spec.threshold is None else float(spec.threshold)
+        L, C, mode = self.L, self.C, self.mode
+        w0 = np.asarray(spec.layers[0][0], np.float64)
+        tail = {"state": [], "state_layer": [("onehot", L)], "state_probs": [("probs", C)],
+                "confidence": [("conf", N_CONFIDENCE), ("onehot", L), ("probs", C)]}
+        tail["state_confidence"] = tail["confidence"]
+        segs = tail[mode]
+        if uses_states(mode):
+            segs = [("states", w0.shape[0] - sum(n for _, n in segs))] + segs
+        self.segments = segs
+        self.acts = [a for *_, a in spec.layers]
+        for i, (w, b, _) in enumerate(spec.layers[1:], start=1):
+            self.register_buffer(f"w{i}", torch.as_tensor(np.ascontiguousarray(w, np.float32)))
+            self.register_buffer(f"b{i}", torch.as_tensor(np.asarray(b, np.float32)))
+        b0 = np.asarray(spec.layers[0][1], np.float64)
+        self.folded = spec.clip is None
+        if not self.folded:  # normalise, clip, then the first layer on the concatenated observation
+            for name, v in (("shift", spec.shift), ("scale", spec.scale)):
+                self.register_buffer(name, None if v is None else torch.as_tensor(np.asarray(v, np.float32)))
+            self.register_buffer("w0", torch.as_tensor(w0.astype(np.float32)))
+            self.register_buffer("b0", torch.as_tensor(b0.astype(np.float32)))
+            onehot = np.zeros((1, L), np.float32)
+            onehot[0, self.l] = 1.0
+            self.register_buffer("onehot", torch.as_tensor(onehot))
+            return
+        scale = np.ones(w0.shape[0]) if spec.scale is None else np.asarray(spec.scale, np.float64)
+        shift = np.zeros(w0.shape[0]) if spec.shift is None else np.asarray(spec.shift, np.float64)
+        w = w0 / scale[:, None]
+        b = b0 - (shift / scale) @ w0
+        off = 0
+        for name, n in segs:
+            if name == "onehot":
+                b = b + w[off + self.l]
+            else:
+                self.register_buffer(f"w0_{name}", torch.as_tensor(w[off:off + n].astype(np.float32)))
+            off += n
+        self.register_buffer("b0", torch.as_tensor(b.astype(np.float32)))
 
     def config(self) -> dict:
         return {"kind": self.kind, "l": self.l, "L": self.L, "C": self.C, "threshold": self.threshold, "mode": self.mode,
                 "bound": self.bound, "head": self.head, "exit_index": self.exit_index, "clip": self.clip,
-                "acts": self.acts}
+                "acts": self.acts, "segments": self.segments, "folded": self.folded}
 
     def forward(self, pooled, log_probs, prev_pred, patience, prev_max):
         lp = log_probs.float()
-        if self.kind == "maxprob":  # (only what the rule reads: each node is ~1 us at batch 1; the history
-            score = torch.exp(lp.max(-1).values)  # passes through unchanged)
+        if self.kind == "maxprob":  # only what the rule reads; the history passes through unchanged
+            score = torch.exp(lp.max(-1).values)
             return score > self.threshold, score, prev_pred, patience, prev_max
         p = torch.exp(lp)
         if self.kind == "entropy":
-            score = -(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
+            score = _entropy(p, lp)
             return score < self.threshold, score, prev_pred, patience, prev_max
         pred = torch.argmax(lp, dim=-1)
         if self.l > 0:
-            agree = pred == prev_pred
-            count = torch.where(agree, patience + 1.0, torch.zeros_like(patience))
+            agree = (pred == prev_pred).float()
+            count = (patience + 1.0) * agree
         else:
-            agree = torch.zeros_like(pred, dtype=torch.bool)
-            count = torch.zeros(lp.shape[0], dtype=lp.dtype)
+            agree = count = lp[:, 0] * 0.0
         if self.kind == "patience":
-            exit_ = (count >= self.threshold) if self.threshold > 0 else torch.zeros_like(agree)
+            exit_ = (count >= self.threshold) if self.threshold > 0 else count < 0.0
             return exit_, count, pred, count, prev_max
         top2 = torch.topk(p, 2, dim=-1).values
-        ent = -(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
-        score, exit_ = self._spec(pooled, lp, p, top2, ent, agree, count, prev_max)
-        return exit_, score, pred, count, top2[:, 0]
-
-    def _spec(self, pooled, lp, p, top2, ent, agree, count, prev_max):
-        b, L, l = lp.shape[0], self.L, self.l
-        parts = []
+        top1 = top2[:, 0]
+        parts = {}
         if uses_states(self.mode):
-            parts.append(torch.clamp(pooled.float(), -self.bound, self.bound))
-        onehot = torch.zeros(b, L, dtype=lp.dtype)
-        onehot[:, l] = 1.0
-        if self.mode == "state_layer":
-            parts.append(onehot)
-        elif self.mode == "state_probs":
-            parts.append(torch.clamp(p, 0.0, 1.0))
-        elif self.mode in ("confidence", "state_confidence"):
-            prev = prev_max if l > 0 else torch.zeros_like(top2[:, 0])
-            conf = torch.stack([top2[:, 0], top2[:, 1], torch.clamp(ent / math.log(max(self.C, 2)), 0.0, 1.0),
-                                agree.float(), count / max(L - 1, 1), prev.float()], -1)
-            parts += [conf, onehot, torch.clamp(p, 0.0, 1.0)]
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-        if self.shift is not None:
-            x = x - self.shift
-        if self.scale is not None:
-            x = x / self.scale
-        if self.clip is not None:
+            parts["states"] = torch.clamp(pooled.float(), -self.bound, self.bound)
+        if any(n == "probs" for n, _ in self.segments):
+            parts["probs"] = torch.clamp(p, 0.0, 1.0)
+        if any(n == "conf" for n, _ in self.segments):
+            prev = prev_max if self.l > 0 else top1 * 0.0
+            ent = torch.clamp(_entropy(p, lp) * (1.0 / math.log(max(self.C, 2))), 0.0, 1.0)
+            cols = [ent, agree, count * (1.0 / max(self.L - 1, 1)), prev.float()]
+            parts["conf"] = torch.cat([top2] + [c.unsqueeze(-1) for c in cols], -1)
+        if self.folded:
+            x = self.b0
+            for name, _ in self.segments:
+                if name != "onehot":
+                    x = x + parts[name] @ getattr(self, f"w0_{name}")
+        else:
+            parts["onehot"] = top1.unsqueeze(-1) * 0.0 + self.onehot
+            x = torch.cat([parts[name] for name, _ in self.segments], -1) if len(self.segments) > 1 else \
+                parts[self.segments[0][0]]
+            if self.shift is not None:
+                x = x - self.shift
+            if self.scale is not None:
+                x = x / self.scale
             x = torch.clamp(x, -self.clip, self.clip)
-        for i, act in enumerate(self.acts):
+            x = x @ self.w0 + self.b0
+        x = _ACTS[self.acts[0]](x)
+        for i, act in enumerate(self.acts[1:], start=1):
             x = _ACTS[act](x @ getattr(self, f"w{i}") + getattr(self, f"b{i}"))
         e = self.exit_index
         if self.head == "sigmoid":
             score = torch.sigmoid(x[:, 0])
         elif self.head == "argmax":
             score = x[:, e] - x[:, 1 - e]
-            return score, torch.argmax(x, dim=-1) == e
+            return torch.argmax(x, dim=-1) == e, score, pred, count, top1
         elif self.head == "softmax":
             score = torch.softmax(x, -1)[:, e]
         else:  # qdiff
             score = torch.sigmoid(x[:, e] - x[:, 1 - e])
-        return score, score > self.threshold
+        return score > self.threshold, score, pred, count, top1
+
+
+def _entropy(p, lp):
+    """Entropy in nats; p = 0 counts 0 (lp clamped to a finite floor: 0 * -1e30 = 0 where 0 * -inf is NaN)."""
+    return -(p * torch.clamp(lp, min=-1e30)).sum(-1)
 
 
 def decision_modules(policy, num_layers: int, num_classes: int) -> list[DecisionModule] | None:

@@ -1,0 +1,165 @@
+"""agents.inference.onnx_decision: the exit decision as ONNX graphs makes the policy's own decisions, layer by
+layer with the history carried between graphs, and its export is cached per policy and checked."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the fast path needs onnxruntime: pip install -e '.[fast]' (make setup)")
+import onnxruntime as ort  # noqa: E402
+
+from agents.evaluate import evaluate  # noqa: E402
+from agents.inference import onnx_decision as OD  # noqa: E402
+from agents.inference.early_exit_model import EarlyExitClassifier  # noqa: E402
+from agents.inference.onnx_runtime import OnnxEarlyExitClassifier  # noqa: E402
+from agents.policies import StaticExit  # noqa: E402
+from agents.policies.heuristics import EntropyExit, MaxProbExit, PatienceExit, max_prob, prediction_entropy  # noqa: E402
+from cee_env.observations import OBS_MODES  # noqa: E402
+from tests.test_inference import POLICIES, gap_threshold, tiny  # noqa: E402,F401
+from tests.test_onnx import tiny_graphs  # noqa: E402,F401
+from tests.test_stepper import cache, learned  # noqa: E402,F401
+
+
+@pytest.fixture(autouse=True)
+def _runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("CEE_RUNS_DIR", str(tmp_path / "runs"))
+
+
+def graph_decisions(policy, cache, folder, drop_every: int = 0) -> np.ndarray:
+    """exit mask [N, L-1] from the exported decision graphs run one layer at a time (the carried history passed
+    from graph to graph); with ``drop_every`` rows leave as in inference and read -1 after they left."""
+    mods = OD.decision_modules(policy, cache.num_layers, cache.num_classes)
+    assert mods is not None
+    d = OD.ensure_decisions(folder, mods, cache.hidden_size)
+    n, L = cache.num_instances, cache.num_layers
+    out = np.full((n, L - 1), -1)
+    rows = np.arange(n)
+    carry = [np.zeros(n, np.int64), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    for l in range(L - 1):
+        sess = ort.InferenceSession(str(d / f"decide_{l}.onnx"), providers=["CPUExecutionProvider"])
+        feed = {"pooled": np.asarray(cache.states[rows, l], np.float32),
+                "log_probs": np.asarray(cache.log_probs[rows, l], np.float32), **dict(zip(OD.CARRY, carry))}
+        names = {i.name for i in sess.get_inputs()}
+        ex, _, *carry = sess.run(None, {k: v for k, v in feed.items() if k in names})
+        out[rows, l] = ex
+        if drop_every:
+            keep = np.flatnonzero(np.arange(len(rows)) % drop_every != 0)
+            rows, carry = rows[keep], [c[keep] for c in carry]
+    return out
+
+
+def check(policy, cache, folder):
+    want = policy.exit_mask(cache)[:, :-1]
+    assert 0.05 < want.mean() < 0.95, "decisions should be mixed for the test to mean anything"
+    np.testing.assert_array_equal(graph_decisions(policy, cache, folder), want)
+    got = graph_decisions(policy, cache, folder, drop_every=3)
+    seen = got >= 0
+    assert seen[:, -1].any() and not seen.all()
+    np.testing.assert_array_equal(got[seen], want[seen])
+
+
+@pytest.mark.parametrize("mode", OBS_MODES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_learned_exit_decision_graphs_equal_exit_at_layer(cache, mode, shared, tmp_path):
+    check(learned(cache, mode, shared), cache, tmp_path)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_sb3_decision_graphs_equal_exit_at_layer(cache, algo, tmp_path):
+    pytest.importorskip("stable_baselines3")
+    from stable_baselines3 import DQN, PPO
+
+    from agents.sb3 import SB3Exit, cache_obs_stats
+    from cee_env import EarlyExitEnv
+
+    mode = "confidence"
+    env = EarlyExitEnv(cache=cache, obs=mode, obs_bound=50.0)
+    cls, kw = {"ppo": (PPO, dict(n_steps=16, batch_size=16)), "dqn": (DQN, dict(buffer_size=100, learning_starts=0))}[algo]
+    model = cls("MlpPolicy", env, seed=0, device="cpu", policy_kwargs={"net_arch": [16, 8]}, **kw)
+    mean, var = cache_obs_stats(cache, 50.0, mode)
+    pol = SB3Exit(model, cache.num_layers, 50.0, mean, var, obs=mode)
+    pol.threshold = gap_threshold(pol.exit_probs(cache.states, cache.log_probs)[:, :-1])
+    check(pol, cache, tmp_path / "thr")
+    pol.threshold = None  # the greedy action
+    np.testing.assert_array_equal(graph_decisions(pol, cache, tmp_path / "greedy"), pol.exit_mask(cache)[:, :-1])
+
+
+def test_heuristic_decision_graphs_equal_their_rules(cache, tmp_path):
+    lp = np.asarray(cache.log_probs)[:, :-1]
+    check(MaxProbExit(gap_threshold(max_prob(lp))), cache, tmp_path / "m")
+    check(EntropyExit(gap_threshold(prediction_entropy(lp))), cache, tmp_path / "e")
+    check(PatienceExit(1), cache, tmp_path / "p")
+    assert not graph_decisions(PatienceExit(0), cache, tmp_path / "p0").any()  # patience 0: never early
+    assert OD.decision_modules(StaticExit(2), cache.num_layers, cache.num_classes) is None
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+@pytest.mark.parametrize("kind", ["learned", "maxprob", "entropy", "patience-1"])
+def test_in_graph_decisions_give_the_evaluators_exits(tiny, tiny_graphs, kind, batch_size, monkeypatch):
+    cache, ds = tiny["cache"], tiny["ds"]
+    policy = POLICIES[kind](cache)
+    ref = EarlyExitClassifier.from_checkpoint(tiny["ckpt"], policy)
+    clf = OnnxEarlyExitClassifier(ref.model, ref.tokenizer, policy, tiny_graphs, decisions="graph")
+    assert clf.decision_graphs() is not None
+
+    def no_numpy(*a, **k):
+        raise AssertionError("the policy was asked in numpy")
+
+    monkeypatch.setattr(type(policy), "exit_at_layer", no_numpy)
+    got = clf.predict(ds["text_a"], ds["text_b"], batch_size=batch_size)
+    ev = evaluate(POLICIES[kind](cache), cache)
+    np.testing.assert_array_equal(got.exit_layers, ev.exit_layers)
+    np.testing.assert_array_equal(got.label_ids, ev.preds)
+    assert len(set(got.exit_layers.tolist())) >= 2
+
+
+def test_auto_keeps_the_heuristics_in_numpy_and_the_learned_policies_in_graphs(tiny, tiny_graphs):
+    cache = tiny["cache"]
+    ref = EarlyExitClassifier.from_checkpoint(tiny["ckpt"], StaticExit(2))
+
+    def dec(kind, mode="auto"):
+        return OnnxEarlyExitClassifier(ref.model, ref.tokenizer, POLICIES[kind](cache), tiny_graphs,
+                                       decisions=mode).decision_graphs()
+
+    assert dec("learned") is not None and dec("maxprob") is None
+    assert dec("learned", "numpy") is None and dec("maxprob", "graph") is not None
+    with pytest.raises(ValueError, match="decisions must be one of"):
+        dec("learned", "gpu")
+
+
+def test_decision_graphs_are_cached_per_policy_and_rebuilt_when_edited(cache, tmp_path, monkeypatch):
+    pol = learned(cache, "confidence", False)
+    made = []
+    real = OD.export_decisions
+    monkeypatch.setattr(OD, "export_decisions", lambda *a: made.append(1) or real(*a))
+    mods = OD.decision_modules(pol, cache.num_layers, cache.num_classes)
+    a = OD.ensure_decisions(tmp_path, mods, cache.hidden_size)
+    assert OD.ensure_decisions(tmp_path, mods, cache.hidden_size) == a and len(made) == 1  # cached
+    (a / "decide_1.onnx").write_bytes((a / "decide_1.onnx").read_bytes() + b"\0")  # edited on disk
+    assert OD.ensure_decisions(tmp_path, mods, cache.hidden_size) == a and len(made) == 2  # rebuilt
+    check(pol, cache, tmp_path)
+    pol.threshold += 1e-3  # another threshold: other graphs, in another folder
+    b = OD.ensure_decisions(tmp_path, OD.decision_modules(pol, cache.num_layers, cache.num_classes), cache.hidden_size)
+    assert b != a and len(made) == 3
+    with torch.no_grad():  # other weights at the same threshold: another folder too
+        pol.net.w1[0, 0, 0] += 1.0
+    c = OD.ensure_decisions(tmp_path, OD.decision_modules(pol, cache.num_layers, cache.num_classes), cache.hidden_size)
+    assert c not in (a, b)
+
+
+def test_a_decision_graph_that_differs_from_its_module_is_refused(cache, tmp_path, monkeypatch):
+    pol = learned(cache, "confidence", False)
+    mods = OD.decision_modules(pol, cache.num_layers, cache.num_classes)
+    real = torch.onnx.export
+
+    def skewed(module, args, path, **kw):  # export a module whose first layer's weights differ
+        m = OD.DecisionModule("spec", module.l, module.L, module.C, mode=module.mode, bound=module.bound,
+                              spec=pol.stepper().spec(module.l))
+        with torch.no_grad():
+            for t in m.buffers():
+                t.add_(0.5)
+        return real(m, args, path, **kw)
+
+    monkeypatch.setattr(torch.onnx, "export", skewed)
+    with pytest.raises(RuntimeError, match="differs from its torch module"):
+        OD.ensure_decisions(tmp_path, mods, cache.hidden_size)
+    assert not list(tmp_path.glob("decide-*/decide.json"))  # no record: the next use exports again
