@@ -16,8 +16,11 @@ For each task's dev set, each batch size (default 1 and 32) and each runtime of 
 
 Tokenisation and padding happen before timing, identically for all; with batch
 size > 1 the dev set is sorted by length first (for all). Each figure is the median
-of ``--repeats`` passes over the dev set after one warm-up pass; the variants are
-interleaved batch by batch (in rotating order) so background load hits all alike.
+of ``--repeats`` passes over the dev set after one warm-up pass; the variants take
+turns pass by pass (``--interleave pass``: each keeps its weights in the CPU's caches
+through its pass, as a deployment serving one model does) or batch by batch
+(``--interleave batch``: background load hits all alike, but each variant's weights
+are evicted by the others' before each of its batches).
 Process CPU time is recorded too (robust to other processes on a busy machine;
 with 1 thread it is the compute time). Speed-up in a runtime = t(full depth in that runtime) /
 t(early exit in it) in wall time (for onnx: against the whole-model graph); the speed-up the saved
@@ -37,6 +40,7 @@ calib cache so that about half of the layers are saved) on each task's deployed 
 trained checkpoint, no policy) is an error, not a skipped task.
 
     python -m benchmarks.inference_speed [--tasks RTE MRPC] [--policy-run DIR] [--runtime torch onnx] [--out PATH]
+    python -m benchmarks.inference_speed --table runs/benchmarks/inference_speed.json   # docs' markdown table
 """
 from __future__ import annotations
 
@@ -385,6 +389,41 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(res: dict) -> str:
+    """The docs/inference_speed.md table of a saved results JSON: per task, rule and batch size, ONNX Runtime's
+    early exit against its whole-model graph (and PyTorch's ratio when it was timed)."""
+    torch_cols = any("torch" in b["runtime"] for t in res["results"] for p in t["policies"].values()
+                     for b in p["batch"].values())
+    head = ["task", "rule (chosen on calib)", "decision", "avg exit / L", "predicted", "batch", "onnx: full depth (s)",
+            "onnx: early exit (s)", "speed-up", "ratio", "ratio, token-weighted"]
+    head += ["torch: speed-up, ratio", "onnx ee vs torch full"] if torch_cols else []
+    lines = ["| " + " | ".join(head + ["agree with evaluator"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for t in res["results"]:
+        for k, p in t["policies"].items():
+            kind, _, name = k.partition(":")
+            for bs, b in p["batch"].items():
+                o, s = b["runtime"]["onnx"], b["seconds"]
+                a = b["agree_with_evaluator"]["onnx"]
+                ok = "yes" if a["preds"] == a["n"] and a["exit_layers"] == a["n"] else \
+                    f"exits {a['exit_layers']}/{a['n']}, preds {a['preds']}/{a['n']}"
+                tgt = TARGETS.get(int(bs))
+                r = o["ratio_to_predicted"]
+                ratio = f"**{r:.3f}**" if tgt is not None and r >= tgt else f"{r:.3f}"
+                row = [t["task"], f"{kind}: {name}" if name else k, p.get("onnx_decisions", "numpy"),
+                       f"{p['avg_exit_layer']:.2f} / {p['num_layers']}", f"{p['predicted_speedup']:.2f}x", bs,
+                       f"{s['onnx:full']:.3f}", f"{s['onnx:ee']:.3f}", f"{o['speedup']:.2f}x", ratio,
+                       f"{o['ratio_to_token_weighted_prediction']:.2f}"]
+                if torch_cols:
+                    tr = b["runtime"].get("torch")
+                    row += [f"{tr['speedup']:.2f}x, {tr['ratio_to_predicted']:.2f}" if tr else "-",
+                            f"{o['speedup_vs_torch_full']:.2f}x" if o.get("speedup_vs_torch_full") else "-"]
+                lines.append("| " + " | ".join(map(str, row + [ok])) + " |")
+    lines += ["", f"threads {res['threads']}, repeats {res['repeats']}, interleaved by {res.get('interleave', 'batch')}, "
+                  f"decisions {res.get('decisions', 'numpy')}, load average at start {res['load_average_at_start']:.2f}, "
+                  f"{res['time']}"]
+    return "\n".join(lines)
+
+
 @dataclass
 class Args:
     """Settings of ``python -m benchmarks.inference_speed``; every field is a flag."""
@@ -428,11 +467,24 @@ class Args:
     """torch threads and ONNX Runtime intra-op threads; None: all cores"""
     out: str | None = None
     """JSON path; None: runs/benchmarks/inference_speed.json"""
+    table: str | None = None
+    """time nothing: print the markdown table (docs/inference_speed.md's) of this saved results JSON"""
 
 
 @user_errors
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(Args, argv, __doc__)
+    if args.table:
+        from backbones.files import read_json
+
+        try:
+            res = read_json(args.table, "pass a results JSON written by python -m benchmarks.inference_speed")
+        except FileNotFoundError:
+            raise UserError(f"--table {args.table}: no such file") from None
+        if not isinstance(res, dict) or not isinstance(res.get("results"), list):
+            raise UserError(f"--table {args.table} is not a results JSON of python -m benchmarks.inference_speed")
+        print(format_markdown(res))
+        return res["results"]
     if (args.checkpoint or args.dev_file) and len(args.tasks) != 1:
         raise UserError("--checkpoint / --dev-file need exactly one task in --tasks")
     bad = [r for r in args.runtime if r not in RUNTIMES]

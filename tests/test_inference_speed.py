@@ -68,7 +68,7 @@ def test_a_runtime_it_does_not_know_is_a_usage_error(tmp_runs, capsys):
     assert e.value.code == 2 and "--runtime takes one or more of torch, onnx" in capsys.readouterr().err
 
 
-def test_from_benchmark_times_the_headline_rules_and_checks_their_dev_figures(tiny, tmp_runs, tmp_path):
+def test_from_benchmark_times_the_headline_rules_and_checks_their_dev_figures(tiny, tmp_runs, tmp_path, capsys):
     """--from-benchmark: the benchmark's deployed learned run with its calib-chosen threshold and its best heuristic
     (every heuristic's knob maps to the rule that exits where the benchmark's score threshold does)."""
     from agents.benchmark import exits_at, heuristic_scores
@@ -117,5 +117,36 @@ def test_from_benchmark_times_the_headline_rules_and_checks_their_dev_figures(ti
             "--repeats", "1", "--threads", "1", "--out", str(out)])
     pols = json.loads(out.read_text())["results"][0]["policies"]
     assert set(pols) == {"learned:ppo:confidence:consistency", "heuristic:static"}
+    # the learned rule decided inside ONNX Runtime's graphs (auto), the static rule reads no outputs
+    assert pols["learned:ppo:confidence:consistency"]["onnx_decisions"] == "graph"
+    assert pols["heuristic:static"]["onnx_decisions"] == "numpy"
+    B.main(["--table", str(out)])  # the docs' table, rendered from the saved JSON without timing anything
+    table = capsys.readouterr().out.splitlines()
+    rows = [l for l in table if l.startswith("| RTE |")]
+    assert len(rows) == 2 and "| learned: ppo:confidence:consistency | graph |" in rows[0]
+    assert all(r.endswith("| yes |") for r in rows) and "interleaved by pass" in table[-1]
     for p in pols.values():
         assert p["batch"]["4"]["agree_with_evaluator"]["onnx"] == {"preds": N_DEV, "exit_layers": N_DEV, "n": N_DEV}
+
+
+@pytest.mark.parametrize("by", ["pass", "batch"])
+def test_interleaving_by_pass_keeps_each_variants_pass_whole_and_by_batch_alternates(by):
+    calls = []
+    variants = {k: (lambda b, k=k: calls.append((k, b))) for k in ("a", "b", "c")}
+    wall, cpu = B.time_interleaved(variants, [0, 1, 2, 3], repeats=2, by=by)
+    assert {k: len(v) for k, v in wall.items()} == {"a": 2, "b": 2, "c": 2} and set(cpu) == set(wall)
+    assert len(calls) == 3 * 4 * 3 and all(calls.count((k, b)) == 3 for k in "abc" for b in range(4))
+    runs = [k for i, (k, _) in enumerate(calls) if i == 0 or calls[i - 1][0] != k]  # who ran, in turns
+    if by == "pass":  # whole passes, the starting variant rotating with the repeat
+        assert runs == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    else:  # every batch by every variant in turn
+        assert len(runs) == len(calls)
+    with pytest.raises(ValueError, match="by must be one of"):
+        B.time_interleaved(variants, [0], 1, by="row")
+
+
+def test_interleave_and_decisions_flags_are_checked(tmp_runs, capsys):
+    for flag, value in (("--interleave", "row"), ("--decisions", "gpu")):
+        with pytest.raises(SystemExit) as e:
+            B.main(["--tasks", "RTE", flag, value])
+        assert e.value.code == 2 and f"{flag} takes one of" in capsys.readouterr().err

@@ -202,7 +202,7 @@ def decision_modules(policy, num_layers: int, num_classes: int) -> list[Decision
     from agents.policies.heuristics import EntropyExit, MaxProbExit, PatienceExit
 
     L, C = int(num_layers), int(num_classes)
-    if C < 2:
+    if C < 2 or L < 2:  # (one layer: nothing to decide)
         return None
     kinds = {MaxProbExit: ("maxprob", "threshold"), EntropyExit: ("entropy", "threshold"),
              PatienceExit: ("patience", "patience")}

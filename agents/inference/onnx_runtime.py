@@ -25,10 +25,13 @@ The context is whatever the family's :meth:`~backbones.families.Family.context` 
 tuple of tensors), passed between graphs as its tensor leaves ``ctx_0, ctx_1, ...`` in pytree order;
 which of their axes are dynamic is read off two traces of different batch and sequence sizes.
 
-Batch and sequence axes are dynamic. The exit decision stays the policy's own
-:meth:`~agents.policies.ExitPolicy.exit_at_layer` in numpy on the same histories as the PyTorch
-path (:meth:`EarlyExitClassifier.exit_loop` is shared), so exits equal the PyTorch path's and the
-evaluator's unless a log-probability lies within float rounding (~1e-6) of a threshold.
+Batch and sequence axes are dynamic. The exit decision of a learned policy runs inside each layer's
+graph (``decisions="auto"``, :mod:`agents.inference.onnx_decision`: the observation and the policy's
+MLP as graph nodes, the history carried between graphs); the heuristic rules and policies whose
+decision does not export are asked in numpy after each layer (``decisions="numpy"`` for all). The
+row bookkeeping (:meth:`EarlyExitClassifier.exit_loop`) is shared with the PyTorch path, so exits
+equal the PyTorch path's and the evaluator's unless a score lies within float rounding (~1e-6) of a
+threshold.
 
 Graphs are exported with the TorchScript-based ``torch.onnx.export`` (``dynamo=False``: it needs
 no onnxscript and traces these models with dynamic axes), checked once against PyTorch on a
@@ -436,7 +439,8 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
 
     def decision_graphs(self):
         """The layer graphs merged with the policy's exported decision (:mod:`agents.inference.onnx_decision`),
-        built once per policy and threshold; None when the decision stays in numpy: ``decisions="numpy"``, a
+        built once per policy and threshold (as the numpy stepper: a policy whose weights change after the first
+        batch needs a new classifier); None when the decision stays in numpy: ``decisions="numpy"``, a
         policy whose decision does not export, or with ``"auto"`` a max-probability / entropy / patience rule (one
         array op in numpy; measured no slower there than as graph nodes, see docs/inference_speed.md)."""
         from agents.policies.heuristics import EntropyExit, MaxProbExit, PatienceExit
