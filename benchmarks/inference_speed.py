@@ -457,10 +457,10 @@ class Args:
     """pass: each variant times whole passes over the dev set, the variants taking turns pass by pass (a
     deployment serving one model); batch: the variants take turns batch by batch (each one's weights evicted
     from the caches by the others' in between)"""
-    decisions: str = "auto"
-    """where ONNX Runtime's early exit makes the exit decision: graph (inside each layer's graph, for policies
-    whose decision exports), numpy (after each layer, in Python), auto (graph for learned policies, numpy for
-    the max-probability / entropy / patience rules)"""
+    decisions: str = "graph"
+    """where ONNX Runtime's early exit makes the exit decision: graph (inside each layer's graph for policies
+    whose decision exports, and at batch 1 the whole early exit as one graph), numpy (after each layer, in
+    Python)"""
     limit: int | None = None
     """time only the first N dev instances; None: all"""
     threads: int | None = None

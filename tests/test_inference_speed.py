@@ -117,7 +117,7 @@ def test_from_benchmark_times_the_headline_rules_and_checks_their_dev_figures(ti
             "--repeats", "1", "--threads", "1", "--out", str(out)])
     pols = json.loads(out.read_text())["results"][0]["policies"]
     assert set(pols) == {"learned:ppo:confidence:consistency", "heuristic:static"}
-    # the learned rule decided inside ONNX Runtime's graphs (auto), the static rule reads no outputs
+    # the learned rule decided inside ONNX Runtime's graphs, the static rule reads no outputs
     assert pols["learned:ppo:confidence:consistency"]["onnx_decisions"] == "graph"
     assert pols["heuristic:static"]["onnx_decisions"] == "numpy"
     B.main(["--table", str(out)])  # the docs' table, rendered from the saved JSON without timing anything

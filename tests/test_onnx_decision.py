@@ -112,18 +112,19 @@ def test_in_graph_decisions_give_the_evaluators_exits(tiny, tiny_graphs, kind, b
     assert len(set(got.exit_layers.tolist())) >= 2
 
 
-def test_auto_keeps_the_heuristics_in_numpy_and_the_learned_policies_in_graphs(tiny, tiny_graphs):
+def test_decisions_go_into_the_graphs_unless_numpy_is_asked(tiny, tiny_graphs):
     cache = tiny["cache"]
     ref = EarlyExitClassifier.from_checkpoint(tiny["ckpt"], StaticExit(2))
 
-    def dec(kind, mode="auto"):
+    def dec(kind, **kw):
         return OnnxEarlyExitClassifier(ref.model, ref.tokenizer, POLICIES[kind](cache), tiny_graphs,
-                                       decisions=mode).decision_graphs()
+                                       **kw).decision_graphs()
 
-    assert dec("learned") is not None and dec("maxprob") is None
-    assert dec("learned", "numpy") is None and dec("maxprob", "graph") is not None
+    assert dec("learned") is not None and dec("maxprob") is not None
+    assert dec("learned", decisions="numpy") is None and dec("maxprob", decisions="numpy") is None
+    assert dec("static-2") is None  # reads no outputs: nothing to decide in a graph
     with pytest.raises(ValueError, match="decisions must be one of"):
-        dec("learned", "gpu")
+        dec("learned", decisions="gpu")
 
 
 def test_decision_graphs_are_cached_per_policy_and_rebuilt_when_edited(cache, tmp_path, monkeypatch):
@@ -163,3 +164,28 @@ def test_a_decision_graph_that_differs_from_its_module_is_refused(cache, tmp_pat
     with pytest.raises(RuntimeError, match="differs from its torch module"):
         OD.ensure_decisions(tmp_path, mods, cache.hidden_size)
     assert not list(tmp_path.glob("decide-*/decide.json"))  # no record: the next use exports again
+
+
+@pytest.mark.parametrize("kind", ["learned", "maxprob", "patience-1"])
+def test_a_batch_of_one_is_one_call_of_the_chain_graph_with_the_per_layer_paths_exits(tiny, tiny_graphs, kind,
+                                                                                    monkeypatch):
+    cache, ds = tiny["cache"], tiny["ds"]
+    policy = POLICIES[kind](cache)
+    ref = EarlyExitClassifier.from_checkpoint(tiny["ckpt"], policy)
+    per_layer = OnnxEarlyExitClassifier(ref.model, ref.tokenizer, policy, tiny_graphs, decisions="graph")
+    per_layer.chain = False
+    want = per_layer.predict(ds["text_a"], ds["text_b"], batch_size=1)
+    clf = OnnxEarlyExitClassifier(ref.model, ref.tokenizer, policy, tiny_graphs, decisions="graph")
+    dec = clf.decision_graphs()
+    calls = []
+    real = dec.chain
+    monkeypatch.setattr(dec, "chain", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(dec, "layer", lambda *a: pytest.fail("a layer graph was called at batch 1"))
+    monkeypatch.setattr(dec, "first", lambda *a: pytest.fail("the first graph was called at batch 1"))
+    got = clf.predict(ds["text_a"], ds["text_b"], batch_size=1)
+    assert len(calls) == len(ds)
+    np.testing.assert_array_equal(got.exit_layers, want.exit_layers)
+    np.testing.assert_array_equal(got.label_ids, want.label_ids)
+    np.testing.assert_allclose(got.log_probs, want.log_probs, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(got.exit_layers, evaluate(policy, cache).exit_layers)
+    assert len(set(got.exit_layers.tolist())) >= 2

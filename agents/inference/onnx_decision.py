@@ -21,7 +21,14 @@ carries it in numpy. Which policies export:
   with any observation mode;
 - the heuristics :class:`~agents.policies.heuristics.MaxProbExit`, ``EntropyExit`` and ``PatienceExit``.
 
-Others (a custom policy, a policy that reads all layers at once) keep the numpy decision.
+Others (a custom policy, a policy that reads all layers at once, :class:`~agents.policies.StaticExit`,
+which reads nothing) keep the numpy path.
+
+At batch 1 the whole early exit is one graph (:func:`build_chain`, :meth:`DecisionGraphs.chain`): layer 1
+and its decision, then each further layer inside the ``else`` branch of an ``If`` on the previous
+decision, so one ONNX Runtime call runs exactly the layers the policy asks for and no Python runs
+between them (one session instead of one call per layer; built in memory from the same checked
+graphs on the first batch of one).
 
 The decision graphs depend on the policy, not on the backbone's weights: they are exported once per
 policy into ``<the checkpoint's export>/decide-<sha256[:16]>/`` where the hash is taken over what
@@ -132,13 +139,16 @@ class DecisionModule(nn.Module):
 
     def forward(self, pooled, log_probs, prev_pred, patience, prev_max):
         lp = log_probs.float()
+        # the rules' scores in float64, as the evaluator computes them from the same float32 log-probabilities
+        # (a threshold chosen from observed scores can equal one; float32 arithmetic could move it across)
         if self.kind == "maxprob":  # only what the rule reads; the history passes through unchanged
-            score = torch.exp(lp.max(-1).values)
+            score = torch.exp(lp.double().max(-1).values)
             return score > self.threshold, score, prev_pred, patience, prev_max
-        p = torch.exp(lp)
         if self.kind == "entropy":
-            score = _entropy(p, lp)
+            lp64 = lp.double()
+            score = _entropy(torch.exp(lp64), lp64)
             return score < self.threshold, score, prev_pred, patience, prev_max
+        p = torch.exp(lp)
         pred = torch.argmax(lp, dim=-1)
         if self.l > 0:
             agree = (pred == prev_pred).float()
@@ -345,6 +355,7 @@ class DecisionGraphs:
                                      outputs=keep + ["d_exit"] + [f"d_{c}_out" for c in CARRY])
             return ort.InferenceSession(m.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
+        self._chain = None
         self._first = merged("first.onnx", 0)
         self._layers = [None] + [merged(f"layer_{l}.onnx", l) for l in range(1, num_layers - 1)]
         self._first_in = {i.name for i in self._first.get_inputs()}
@@ -360,14 +371,32 @@ class DecisionGraphs:
             return None
         return cls(graphs, ensure_decisions(graphs.folder, mods, hidden), graphs.num_layers)
 
-    def first(self, input_ids, attention_mask, token_type_ids=None) -> list[np.ndarray]:
-        """[hidden, log_probs, *ctx, exit, prev_pred, patience, prev_max] after embeddings, layer 1 and its decision."""
-        feed = self.graphs._feed(self._first_in, input_ids, attention_mask, token_type_ids)
+    def _first_feed(self, names, input_ids, attention_mask, token_type_ids) -> dict[str, np.ndarray]:
+        feed = self.graphs._feed(names, input_ids, attention_mask, token_type_ids)
         b = input_ids.shape[0]
         zeros = {"d_prev_pred": np.zeros(b, np.int64), "d_patience": np.zeros(b, np.float32),
                  "d_prev_max": np.zeros(b, np.float32)}  # (layer 1 reads no history; fed if the graph kept them)
-        feed.update({k: v for k, v in zeros.items() if k in self._first_in})
-        return self._first.run(self._first_out, feed)
+        feed.update({k: v for k, v in zeros.items() if k in names})
+        return feed
+
+    def first(self, input_ids, attention_mask, token_type_ids=None) -> list[np.ndarray]:
+        """[hidden, log_probs, *ctx, exit, prev_pred, patience, prev_max] after embeddings, layer 1 and its decision."""
+        return self._first.run(self._first_out, self._first_feed(self._first_in, input_ids, attention_mask,
+                                                                 token_type_ids))
+
+    def chain(self, input_ids, attention_mask, token_type_ids=None) -> tuple[np.ndarray, int]:
+        """A batch of one through the whole early exit in one call (:func:`build_chain`, built on first use):
+        (log_probs [1, C], exit layer, 1-based)."""
+        if self._chain is None:
+            import onnxruntime as ort
+
+            model = build_chain(self.graphs, self.folder, self.num_layers)
+            self._chain = ort.InferenceSession(model.SerializeToString(), sess_options=self.graphs.session_options(),
+                                               providers=["CPUExecutionProvider"])
+            self._chain_in = {i.name for i in self._chain.get_inputs()}
+        logp, layer = self._chain.run(None, self._first_feed(self._chain_in, input_ids, attention_mask,
+                                                             token_type_ids))
+        return logp, int(layer)
 
     def layer(self, l: int, hidden, attention_mask, ctx, carry) -> list[np.ndarray]:
         """Layer ``l`` (1 <= l < L - 1) with its decision: [hidden, log_probs, exit, prev_pred, patience, prev_max]."""
@@ -375,3 +404,80 @@ class DecisionGraphs:
                 **{f"d_{c}": v for c, v in zip(CARRY, carry)}}
         names = self._layer_in[l]
         return self._layers[l].run(self._layer_out, {k: v for k, v in feed.items() if k in names})
+
+
+# --------------------------------------------------------------------------- batch 1: the whole early exit as one graph
+def _merged(graphs, folder: Path, base: str, l: int):
+    """The backbone graph ``base`` merged with decision graph ``l`` (a ModelProto): the decision reads the
+    layer's pooled state and log-probabilities; the pooled state is not an output."""
+    import onnx
+    from onnx import compose
+
+    m1 = onnx.load(str(graphs.folder / base))
+    m2 = onnx.load(str(Path(folder) / _graph_name(l)))
+    outs = [o.name for o in m1.graph.output if o.name != "pooled"]
+    m2_in = {i.name for i in m2.graph.input}
+    io = [(n, n) for n in ("pooled", "log_probs") if n in m2_in]
+    return compose.merge_models(m1, m2, io_map=io, prefix2="d_",
+                                outputs=outs + ["d_exit"] + [f"d_{c}_out" for c in CARRY])
+
+
+def build_chain(graphs, folder: Path, num_layers: int):
+    """One graph for a batch of one: layer 1 and its decision, then each further layer inside the ``else`` branch
+    of an ``If`` on the previous decision -> ``(log_probs [1, C], exit_layer [] int64)``. Each layer's weights
+    live in its own branch (ONNX Runtime prepacks a branch's own initializers; read from the outer scope
+    they made the chain slower than per-layer calls in a probe)."""
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    L = num_layers
+    top = _merged(graphs, folder, "first.onnx", 0)
+    ctx = list(graphs.ctx_names)
+    axes0 = onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), "chain_axes0")
+
+    def outputs(tag):
+        return [helper.make_tensor_value_info(f"{tag}_log_probs", TensorProto.FLOAT, None),
+                helper.make_tensor_value_info(f"{tag}_exit_layer", TensorProto.INT64, None)]
+
+    def done(tag, log_probs, layer):  # the branch that returns layer ``layer``'s output
+        return helper.make_graph(
+            [helper.make_node("Identity", [log_probs], [f"{tag}_log_probs"]),
+             helper.make_node("Constant", [], [f"{tag}_exit_layer"],
+                              value=helper.make_tensor(f"{tag}_k", TensorProto.INT64, [], [layer]))],
+            tag, [], outputs(tag))
+
+    def decide(exit_name, log_probs, l, tag):  # If(exit) then layer l + 1's output else the next layer
+        cond = f"{tag}_cond"
+        return [helper.make_node("Squeeze", [exit_name, "chain_axes0"], [cond]),
+                helper.make_node("If", [cond], [f"{tag}_log_probs", f"{tag}_exit_layer"],
+                                 then_branch=done(f"{tag}_t", log_probs, l + 1), else_branch=branch(l + 1, tag))]
+
+    prev = {"hidden": "hidden_out", **{f"d_{c}": f"d_{c}_out" for c in CARRY}}
+
+    def branch(l, parent):
+        p = f"c{l}_"
+        m = (_merged(graphs, folder, f"layer_{l}.onnx", l) if l < L - 1
+             else onnx.load(str(graphs.folder / f"layer_{l}.onnx")))
+        m = compose.add_prefix(m, p)
+        src = {"hidden": prev_names[l]["hidden"], "attention_mask": "attention_mask", **{c: c for c in ctx},
+               **{f"d_{c}": prev_names[l][f"d_{c}"] for c in CARRY}}
+        binds = [helper.make_node("Identity", [src[i.name[len(p):]]], [i.name]) for i in m.graph.input]
+        tag = f"{parent}_e"
+        nodes = binds + list(m.graph.node)
+        if l < L - 1:
+            nodes += decide(f"{p}d_exit", f"{p}log_probs", l, tag)
+        else:
+            nodes += [helper.make_node("Identity", [f"{p}log_probs"], [f"{tag}_log_probs"]),
+                      helper.make_node("Constant", [], [f"{tag}_exit_layer"],
+                                       value=helper.make_tensor(f"{tag}_k", TensorProto.INT64, [], [L]))]
+        return helper.make_graph(nodes, tag, [], outputs(tag), initializer=list(m.graph.initializer))
+
+    prev_names = {1: prev}
+    for l in range(2, L):
+        prev_names[l] = {"hidden": f"c{l - 1}_hidden_out", **{f"d_{c}": f"c{l - 1}_d_{c}_out" for c in CARRY}}
+    nodes = list(top.graph.node) + decide("d_exit", "log_probs", 0, "chain")
+    graph = helper.make_graph(nodes, "early_exit_chain", list(top.graph.input), outputs("chain"),
+                              initializer=list(top.graph.initializer) + [axes0])
+    model = helper.make_model(graph, opset_imports=top.opset_import)
+    model.ir_version = top.ir_version
+    return model

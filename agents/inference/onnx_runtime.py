@@ -25,10 +25,12 @@ The context is whatever the family's :meth:`~backbones.families.Family.context` 
 tuple of tensors), passed between graphs as its tensor leaves ``ctx_0, ctx_1, ...`` in pytree order;
 which of their axes are dynamic is read off two traces of different batch and sequence sizes.
 
-Batch and sequence axes are dynamic. The exit decision of a learned policy runs inside each layer's
-graph (``decisions="auto"``, :mod:`agents.inference.onnx_decision`: the observation and the policy's
-MLP as graph nodes, the history carried between graphs); the heuristic rules and policies whose
-decision does not export are asked in numpy after each layer (``decisions="numpy"`` for all). The
+Batch and sequence axes are dynamic. The exit decision runs inside each layer's graph
+(``decisions="graph"``, :mod:`agents.inference.onnx_decision`: a learned policy's observation and MLP,
+or a heuristic's score, as graph nodes, the history carried between graphs); policies whose decision
+does not export are asked in numpy after each layer (``decisions="numpy"`` for all). With the
+decisions in the graphs, a batch of one is a single call of a graph holding every layer, each further
+one inside an ``If`` on the previous decision (``chain``; False: one call per layer). The
 row bookkeeping (:meth:`EarlyExitClassifier.exit_loop`) is shared with the PyTorch path, so exits
 equal the PyTorch path's and the evaluator's unless a score lies within float rounding (~1e-6) of a
 threshold.
@@ -60,7 +62,7 @@ __all__ = ["OnnxGraphs", "OnnxEarlyExitClassifier", "export_graphs", "ensure_exp
 
 FORMAT = 2  # 2: the context is a graph input (first/context graphs); 1: rebuilt inside every layer graph
 RECORD = "onnx.json"
-DECISIONS = ("auto", "graph", "numpy")  # where the exit decision runs (OnnxEarlyExitClassifier(decisions=...))
+DECISIONS = ("graph", "numpy")  # where the exit decision runs (OnnxEarlyExitClassifier(decisions=...))
 OPSET = 17
 EXPORT_ATOL = 1e-4  # an exported graph must reproduce PyTorch within this on a batch it was not traced on
 
@@ -383,11 +385,12 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
     runtime = "onnx"
 
     def __init__(self, model, tokenizer, policy, graphs: OnnxGraphs, trim_padding: bool = True,
-                 decisions: str = "auto") -> None:
+                 decisions: str = "graph") -> None:
         super().__init__(model, tokenizer, policy, trim_padding)
         if decisions not in DECISIONS:
             raise ValueError(f"decisions must be one of {', '.join(DECISIONS)}; got {decisions!r}")
         self.decisions = decisions
+        self.chain = True  # batch 1 with decisions in the graphs: the whole early exit as one graph
         if graphs.num_layers != self.num_layers:
             raise ValueError(f"the ONNX graphs in {graphs.folder} have {graphs.num_layers} layers, the model "
                              f"{self.num_layers}")
@@ -440,14 +443,10 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
     def decision_graphs(self):
         """The layer graphs merged with the policy's exported decision (:mod:`agents.inference.onnx_decision`),
         built once per policy and threshold (as the numpy stepper: a policy whose weights change after the first
-        batch needs a new classifier); None when the decision stays in numpy: ``decisions="numpy"``, a
-        policy whose decision does not export, or with ``"auto"`` a max-probability / entropy / patience rule (one
-        array op in numpy; measured no slower there than as graph nodes, see docs/inference_speed.md)."""
-        from agents.policies.heuristics import EntropyExit, MaxProbExit, PatienceExit
-
+        batch needs a new classifier); None when the decision stays in numpy: ``decisions="numpy"`` or a policy
+        whose decision does not export."""
         policy = self.policy
-        if self.decisions == "numpy" or (self.decisions == "auto"
-                                         and type(policy) in (MaxProbExit, EntropyExit, PatienceExit)):
+        if self.decisions == "numpy":
             return None
         key = (id(policy), getattr(policy, "threshold", None), getattr(policy, "patience", None))
         cached = getattr(self, "_decision_cache", None)
@@ -460,6 +459,9 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
         return cached[1]
 
     def _classify_decided(self, dec, ids, mask, token_type_ids):
+        if ids.shape[0] == 1 and self.chain:  # one call: every layer after the first inside an If on the decision
+            logp, layer = dec.chain(ids, mask, None if token_type_ids is None else _np(token_type_ids))
+            return logp, np.array([layer], dtype=np.int64), layer
         g, n_ctx = self.graphs, len(self.graphs.ctx_names)
         hidden, logp, *rest = dec.first(ids, mask, None if token_type_ids is None else _np(token_type_ids))
         ctx, ex, carry = rest[:n_ctx], rest[n_ctx], rest[n_ctx + 1:]
