@@ -287,7 +287,6 @@ def bench_policy(task: str, ds, policy, desc: str, ckpt: Path, cache, args) -> d
 
         clfs["onnx"] = OnnxEarlyExitClassifier(model, clf.tokenizer, policy, load_graphs(ckpt, model, args.threads),
                                                decisions=args.decisions)
-        pres_decisions = "graph" if clfs["onnx"].decision_graphs() is not None else "numpy"
     ev = evaluate(policy, cache)
     n = len(ds)
     ev_exits, ev_preds = ev.exit_layers[:n], ev.preds[:n]
@@ -302,7 +301,7 @@ def bench_policy(task: str, ds, policy, desc: str, ckpt: Path, cache, args) -> d
             "predicted_speedup": pred, "predicted_speedup_token_weighted": tok_pred,
             f"dev_{ev.metric_name}": ev.metric, "runtimes": list(args.runtime), "batch": {}}
     if "onnx" in clfs:
-        pres["onnx_decisions"] = pres_decisions
+        pres["onnx_decisions"] = "numpy" if clfs["onnx"].decision_graphs() is None else "graph"
     print(f"\n{task} [{policy.name}]: {desc}\n  checkpoint {ckpt}; dev {ev.metric_name} {100 * ev.metric:.1f} at "
           f"avg exit {avg_exit:.2f}/{L} -> predicted speed-up {pred:.2f}x ({tok_pred:.2f}x token-weighted)")
     for bs in args.batch_sizes:

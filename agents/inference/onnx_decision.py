@@ -295,23 +295,10 @@ def _check(modules: list[DecisionModule], hidden: int, folder: Path) -> None:
 
 
 def _usable(folder: Path, sha: str, names: list[str]) -> str | None:
-    if not (folder / RECORD).is_file():
-        return "no record"
-    try:
-        rec = read_json(folder / RECORD, "")
-    except ValueError as e:
-        return str(e)
-    if rec.get("format") != FORMAT or rec.get("sha256") != sha:
-        return "made from another policy or format"
-    files = rec.get("files", {})
-    if sorted(files) != sorted(names):
-        return f"{RECORD} does not list the decision graphs"
-    for name, fsha in files.items():
-        if not (folder / name).is_file():
-            return f"{name} is missing"
-        if sha256_file(folder / name) != fsha:
-            return f"{name} does not match the sha256 in {RECORD} (corrupt or modified)"
-    return None
+    from agents.inference.onnx_runtime import record_problem
+
+    return record_problem(folder, RECORD, [("format", FORMAT, "made from another format"),
+                                           ("sha256", sha, "made from another policy")], lambda rec: names)
 
 
 def ensure_decisions(export: Path, modules: list[DecisionModule], hidden: int) -> Path:
@@ -334,42 +321,33 @@ def ensure_decisions(export: Path, modules: list[DecisionModule], hidden: int) -
 
 # --------------------------------------------------------------------------- sessions: layer + decision, merged
 class DecisionGraphs:
-    """Sessions of the backbone's first graph and layer graphs, each merged with that layer's decision graph."""
+    """Sessions of the backbone's first graph and layer graphs, each merged with that layer's decision graph (each
+    made on its first use: at batch 1 only the chain is), and the chain for a batch of one."""
 
-    def __init__(self, graphs, folder: Path, num_layers: int) -> None:
-        import onnx
-        import onnxruntime as ort
-        from onnx import compose
-
-        self.folder, self.num_layers, self.graphs = Path(folder), num_layers, graphs
-        opts = graphs.session_options()
-
-        def merged(base: str, l: int):
-            m1 = onnx.load(str(graphs.folder / base))
-            m2 = onnx.load(str(self.folder / _graph_name(l)))
-            outs = [o.name for o in m1.graph.output if o.name != "pooled"]
-            keep = ["hidden_out", "log_probs"] + [n for n in outs if n not in ("hidden_out", "log_probs")]
-            m2_in = {i.name for i in m2.graph.input}
-            io = [(n, n) for n in ("pooled", "log_probs") if n in m2_in]
-            m = compose.merge_models(m1, m2, io_map=io, prefix2="d_",
-                                     outputs=keep + ["d_exit"] + [f"d_{c}_out" for c in CARRY])
-            return ort.InferenceSession(m.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-
+    def __init__(self, graphs, folder: Path) -> None:
+        self.folder, self.num_layers, self.graphs = Path(folder), graphs.num_layers, graphs
+        self._sessions: dict[int, tuple] = {}  # layer -> (session, its input names)
         self._chain = None
-        self._first = merged("first.onnx", 0)
-        self._layers = [None] + [merged(f"layer_{l}.onnx", l) for l in range(1, num_layers - 1)]
-        self._first_in = {i.name for i in self._first.get_inputs()}
-        self._layer_in = [None] + [{i.name for i in s.get_inputs()} for s in self._layers[1:]]
         carry_out = [f"d_{c}_out" for c in CARRY]
         self._first_out = ["hidden_out", "log_probs", *graphs.ctx_names, "d_exit", *carry_out]
         self._layer_out = ["hidden_out", "log_probs", "d_exit", *carry_out]
+
+    def _session(self, l: int) -> tuple:
+        if l not in self._sessions:
+            import onnxruntime as ort
+
+            m = _merged(self.graphs, self.folder, "first.onnx" if l == 0 else f"layer_{l}.onnx", l)
+            sess = ort.InferenceSession(m.SerializeToString(), sess_options=self.graphs.session_options(),
+                                        providers=["CPUExecutionProvider"])
+            self._sessions[l] = (sess, {i.name for i in sess.get_inputs()})
+        return self._sessions[l]
 
     @classmethod
     def for_policy(cls, graphs, policy, num_classes: int, hidden: int) -> "DecisionGraphs | None":
         mods = decision_modules(policy, graphs.num_layers, num_classes)
         if mods is None:
             return None
-        return cls(graphs, ensure_decisions(graphs.folder, mods, hidden), graphs.num_layers)
+        return cls(graphs, ensure_decisions(graphs.folder, mods, hidden))
 
     def _first_feed(self, names, input_ids, attention_mask, token_type_ids) -> dict[str, np.ndarray]:
         feed = self.graphs._feed(names, input_ids, attention_mask, token_type_ids)
@@ -381,8 +359,8 @@ class DecisionGraphs:
 
     def first(self, input_ids, attention_mask, token_type_ids=None) -> list[np.ndarray]:
         """[hidden, log_probs, *ctx, exit, prev_pred, patience, prev_max] after embeddings, layer 1 and its decision."""
-        return self._first.run(self._first_out, self._first_feed(self._first_in, input_ids, attention_mask,
-                                                                 token_type_ids))
+        sess, names = self._session(0)
+        return sess.run(self._first_out, self._first_feed(names, input_ids, attention_mask, token_type_ids))
 
     def chain(self, input_ids, attention_mask, token_type_ids=None) -> tuple[np.ndarray, int]:
         """A batch of one through the whole early exit in one call (:func:`build_chain`, built on first use):
@@ -402,8 +380,8 @@ class DecisionGraphs:
         """Layer ``l`` (1 <= l < L - 1) with its decision: [hidden, log_probs, exit, prev_pred, patience, prev_max]."""
         feed = {"hidden": hidden, "attention_mask": attention_mask, **dict(zip(self.graphs.ctx_names, ctx)),
                 **{f"d_{c}": v for c, v in zip(CARRY, carry)}}
-        names = self._layer_in[l]
-        return self._layers[l].run(self._layer_out, {k: v for k, v in feed.items() if k in names})
+        sess, names = self._session(l)
+        return sess.run(self._layer_out, {k: v for k, v in feed.items() if k in names})
 
 
 # --------------------------------------------------------------------------- batch 1: the whole early exit as one graph

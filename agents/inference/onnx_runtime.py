@@ -311,27 +311,38 @@ def export_folder(checkpoint: str | os.PathLike, weights_sha: str) -> Path:
     return runs_dir() / "onnx" / f"{Path(checkpoint).name}-{weights_sha[:16]}"
 
 
-def _usable(folder: Path, weights_sha: str) -> str | None:
-    """Why the export in ``folder`` cannot be used (None: it can)."""
-    if not (folder / RECORD).is_file():
+def record_problem(folder: Path, record: str, checks, names) -> str | None:
+    """Why the files the JSON ``record`` in ``folder`` lists (``{"files": {name: sha256}}``) cannot be used
+    (None: they can): no or unreadable record, a failed check (``checks``: ``(field, expected value, why)``),
+    a file list other than ``names(record's dict)`` (None: not a list of them), a listed file missing or
+    not matching its sha256. Shared by the backbone's export and the decision graphs."""
+    if not (folder / record).is_file():
         return "no record"
     try:
-        rec = read_json(folder / RECORD, "")
+        rec = read_json(folder / record, "")
     except ValueError as e:
         return str(e)
-    if rec.get("format") != FORMAT:
-        return f"format {rec.get('format')} != {FORMAT}"
-    if rec.get("weights_sha256") != weights_sha:
-        return "made from other checkpoint weights"
+    for field, want, why in checks:
+        if rec.get(field) != want:
+            return why.format(got=rec.get(field))
     files = rec.get("files", {})
-    if not isinstance(rec.get("num_layers"), int) or sorted(files) != sorted(graph_names(rec["num_layers"])):
-        return f"{RECORD} does not list the graphs of a model"
+    want_names = names(rec)
+    if want_names is None or sorted(files) != sorted(want_names):
+        return f"{record} does not list the graphs it should"
     for name, sha in files.items():
         if not (folder / name).is_file():
             return f"{name} is missing"
         if sha256_file(folder / name) != sha:
-            return f"{name} does not match the sha256 in {RECORD} (corrupt or modified)"
+            return f"{name} does not match the sha256 in {record} (corrupt or modified)"
     return None
+
+
+def _usable(folder: Path, weights_sha: str) -> str | None:
+    """Why the export in ``folder`` cannot be used (None: it can)."""
+    return record_problem(folder, RECORD, [("format", FORMAT, f"format {{got}} != {FORMAT}"),
+                                           ("weights_sha256", weights_sha, "made from other checkpoint weights")],
+                          lambda rec: graph_names(rec["num_layers"]) if isinstance(rec.get("num_layers"), int)
+                          else None)
 
 
 def ensure_export(checkpoint: str | os.PathLike, model=None, rebuild: bool = False, quiet: bool = False) -> Path:
@@ -430,7 +441,16 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
         def step(l, hidden, mask):
             return first if l == 0 else g.layer(l, hidden, mask, ctx)
 
+        return self.exit_loop(hidden, mask, step, self._shrinker(ctx))
+
+    def _shrinker(self, ctx: list, carry: list | None = None):
+        """``exit_loop``'s ``shrink``: keep the rows still in (and the columns they need), then remake the layers'
+        context ``ctx`` for them; ``carry`` (the decision graphs' history) keeps the same rows."""
+        g = self.graphs
+
         def shrink(hidden, mask, keep, cols):
+            if carry is not None:
+                carry[:] = [c[keep] for c in carry]
             hidden, mask = hidden[keep], mask[keep]
             if cols is not None:
                 hidden, mask = hidden[:, cols[0]:cols[1]], mask[:, cols[0]:cols[1]]
@@ -438,7 +458,7 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
             ctx[:] = g.context(hidden, mask)  # (the remaining rows' context, for the layers after this one)
             return hidden, mask
 
-        return self.exit_loop(hidden, mask, step, shrink)
+        return shrink
 
     def decision_graphs(self):
         """The layer graphs merged with the policy's exported decision (:mod:`agents.inference.onnx_decision`),
@@ -448,15 +468,15 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
         policy = self.policy
         if self.decisions == "numpy":
             return None
-        key = (id(policy), getattr(policy, "threshold", None), getattr(policy, "patience", None))
+        knobs = (getattr(policy, "threshold", None), getattr(policy, "patience", None))
         cached = getattr(self, "_decision_cache", None)
-        if cached is None or cached[0] != key or cached[2] is not policy:
+        if cached is None or cached[0] is not policy or cached[1] != knobs:
             from agents.inference.onnx_decision import DecisionGraphs
 
             hidden = int(self.model.encoder.config.hidden_size)
-            self._decision_cache = cached = (key, DecisionGraphs.for_policy(self.graphs, policy, len(self.label_names),
-                                                                            hidden), policy)
-        return cached[1]
+            self._decision_cache = cached = (policy, knobs, DecisionGraphs.for_policy(
+                self.graphs, policy, len(self.label_names), hidden))
+        return cached[2]
 
     def _classify_decided(self, dec, ids, mask, token_type_ids):
         if ids.shape[0] == 1 and self.chain:  # one call: every layer after the first inside an If on the decision
@@ -478,16 +498,7 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
             carry[:] = c
             return hidden, None, logp, ex
 
-        def shrink(hidden, mask, keep, cols):
-            carry[:] = [c[keep] for c in carry]
-            hidden, mask = hidden[keep], mask[keep]
-            if cols is not None:
-                hidden, mask = hidden[:, cols[0]:cols[1]], mask[:, cols[0]:cols[1]]
-            hidden, mask = np.ascontiguousarray(hidden), np.ascontiguousarray(mask)
-            ctx[:] = g.context(hidden, mask)
-            return hidden, mask
-
-        return self.exit_loop(hidden, mask, step, shrink, decided=True)
+        return self.exit_loop(hidden, mask, step, self._shrinker(ctx, carry), decided=True)
 
 
 def _np(x) -> np.ndarray:
