@@ -51,7 +51,12 @@ def test_no_policy_run_times_the_deployed_checkpoint_in_both_runtimes(tiny, tmp_
         for bs in ("1", "4"):
             b = p["batch"][bs]
             assert set(b["seconds"]) == {"torch:full", "torch:full-hf", "torch:ee", "torch:ee-never",
-                                         "onnx:full", "onnx:ee", "onnx:ee-never"}
+                                         "onnx:full", "onnx:ee", "onnx:ee-never"} | ({"onnx:ee-known"} if bs == "1" else set())
+            assert set(b["sum_of_batch_minima_seconds"]) == set(b["seconds"])
+            if bs == "1":  # the chain told the evaluator's exits: early exit's log-probabilities, and what it costs
+                assert b["onnx_known_exits_max_abs_log_prob_diff_vs_ee"] < 1e-5
+                o = b["runtime"]["onnx"]
+                assert o["decision_cost"] == pytest.approx(b["seconds"]["onnx:ee"] / b["seconds"]["onnx:ee-known"] - 1)
             for rt in ("torch", "onnx"):
                 assert b["agree_with_evaluator"][rt] == {"preds": N_DEV, "exit_layers": N_DEV, "n": N_DEV}
                 r = b["runtime"][rt]
@@ -133,8 +138,10 @@ def test_from_benchmark_times_the_headline_rules_and_checks_their_dev_figures(ti
 def test_interleaving_by_pass_keeps_each_variants_pass_whole_and_by_batch_alternates(by):
     calls = []
     variants = {k: (lambda b, k=k: calls.append((k, b))) for k in ("a", "b", "c")}
-    wall, cpu = B.time_interleaved(variants, [0, 1, 2, 3], repeats=2, by=by)
-    assert {k: len(v) for k, v in wall.items()} == {"a": 2, "b": 2, "c": 2} and set(cpu) == set(wall)
+    wall, cpu, per = B.time_interleaved(variants, [0, 1, 2, 3], repeats=2, by=by)
+    assert {k: len(v) for k, v in wall.items()} == {"a": 2, "b": 2, "c": 2} and set(cpu) == set(wall) == set(per)
+    for k in "abc":  # each pass's batches add up to the pass
+        assert [len(p) for p in per[k]] == [4, 4] and np.allclose([sum(p) for p in per[k]], wall[k])
     assert len(calls) == 3 * 4 * 3 and all(calls.count((k, b)) == 3 for k in "abc" for b in range(4))
     runs = [k for i, (k, _) in enumerate(calls) if i == 0 or calls[i - 1][0] != k]  # who ran, in turns
     if by == "pass":  # whole passes, the starting variant rotating with the repeat
@@ -143,6 +150,10 @@ def test_interleaving_by_pass_keeps_each_variants_pass_whole_and_by_batch_altern
         assert len(runs) == len(calls)
     with pytest.raises(ValueError, match="by must be one of"):
         B.time_interleaved(variants, [0], 1, by="row")
+
+
+def test_sum_of_minima_takes_each_batchs_fastest_pass():
+    assert B.sum_of_minima([[1.0, 5.0, 2.0], [3.0, 2.0, 2.5]]) == pytest.approx(1.0 + 2.0 + 2.0)
 
 
 def test_interleave_and_decisions_flags_are_checked(tmp_runs, capsys):

@@ -147,20 +147,32 @@ def test_decision_graphs_are_cached_per_policy_and_rebuilt_when_edited(cache, tm
     assert c not in (a, b)
 
 
-def test_a_decision_graph_that_differs_from_its_module_is_refused(cache, tmp_path, monkeypatch):
-    pol = learned(cache, "confidence", False)
+@pytest.mark.parametrize("path", ["lean", "torch.onnx.export"])
+def test_a_decision_graph_that_differs_from_its_module_is_refused(cache, tmp_path, monkeypatch, path):
+    import dataclasses
+
+    if path == "lean":  # a learned decision, written by lean_graph from weights that differ
+        pol = learned(cache, "confidence", False)
+        real = OD.lean_graph
+
+        def skewed(module):
+            spec = module.spec
+            (w, b, a), *rest = spec.layers
+            bad = dataclasses.replace(spec, layers=[(w + 0.5, b, a), *rest])
+            return real(OD.DecisionModule("spec", module.l, module.L, module.C, mode=module.mode, bound=module.bound,
+                                          spec=bad))
+
+        monkeypatch.setattr(OD, "lean_graph", skewed)
+    else:  # a heuristic, exported from a module whose threshold differs
+        pol = MaxProbExit(float(np.median(np.exp(cache.log_probs.max(-1)))))
+        real = torch.onnx.export
+
+        def skewed(module, args, path, **kw):
+            m = OD.DecisionModule("maxprob", module.l, module.L, module.C, module.threshold + 0.3)
+            return real(m, args, path, **kw)
+
+        monkeypatch.setattr(torch.onnx, "export", skewed)
     mods = OD.decision_modules(pol, cache.num_layers, cache.num_classes)
-    real = torch.onnx.export
-
-    def skewed(module, args, path, **kw):  # export a module whose first layer's weights differ
-        m = OD.DecisionModule("spec", module.l, module.L, module.C, mode=module.mode, bound=module.bound,
-                              spec=pol.stepper().spec(module.l))
-        with torch.no_grad():
-            for t in m.buffers():
-                t.add_(0.5)
-        return real(m, args, path, **kw)
-
-    monkeypatch.setattr(torch.onnx, "export", skewed)
     with pytest.raises(RuntimeError, match="differs from its torch module"):
         OD.ensure_decisions(tmp_path, mods, cache.hidden_size)
     assert not list(tmp_path.glob("decide-*/decide.json"))  # no record: the next use exports again
@@ -189,3 +201,91 @@ def test_a_batch_of_one_is_one_call_of_the_chain_graph_with_the_per_layer_paths_
     np.testing.assert_allclose(got.log_probs, want.log_probs, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(got.exit_layers, evaluate(policy, cache).exit_layers)
     assert len(set(got.exit_layers.tolist())) >= 2
+
+
+class _SpecPolicy:
+    """A decision given as a DecisionSpec with VecNormalize's clip (shift, scale, clip), decided in numpy as SB3Exit
+    does: the reference for lean_graph's clip window (features that stay inside it, need it, or become constant)."""
+
+    def __init__(self, mode, cache, head, seed=0):
+        from agents.policies.stepper import DecisionSpec
+        from cee_env.observations import obs_size
+
+        rng = np.random.default_rng(seed)
+        self.mode, self.L, self.head = mode, cache.num_layers, head
+        d = obs_size(mode, cache.hidden_size, cache.num_layers, cache.num_classes)
+        shift, scale = rng.normal(0, 0.3, d), rng.uniform(0.05, 1.0, d)
+        shift[0], scale[0] = 5.0, 0.1  # a feature the clip makes constant (its window lies above its range)
+        scale[1] = 0.02  # a bounded feature whose range exceeds the window
+        out = 1 if head == "sigmoid" else 2
+        layers = [(rng.normal(size=(d, 8)), rng.normal(size=8), "tanh"), (rng.normal(size=(8, out)), rng.normal(size=out), "identity")]
+        self.spec = DecisionSpec([(w.astype(np.float32), b.astype(np.float32), a) for w, b, a in layers], head, None,
+                                 shift=shift.astype(np.float32), scale=scale.astype(np.float32), clip=3.0)
+        from tests.test_stepper import stepped
+
+        self.seen = []
+        stepped(self, cache)  # (records the scores)
+        self.spec.threshold = gap_threshold(np.concatenate(self.seen))
+
+    def _score(self, obs):
+        from agents.policies.stepper import MLP
+
+        s = self.spec
+        x = np.clip((obs - s.shift) / s.scale, -s.clip, s.clip).astype(np.float32)
+        out = MLP(s.layers)(x).astype(np.float64)
+        return 1 / (1 + np.exp(-out[:, 0])) if self.head == "sigmoid" else 1 / (1 + np.exp(out[:, 0] - out[:, 1]))
+
+    def decide_obs(self, l, obs):
+        sc = self._score(obs)
+        if self.spec.threshold is None:
+            self.seen.append(sc)
+            return sc > 0.5
+        return sc > self.spec.threshold
+
+    def stepper(self):
+        from agents.policies.stepper import Stepper
+
+        return Stepper(self.mode, self.L, self.decide_obs, 50.0, spec=lambda l: self.spec)
+
+    def exit_mask(self, cache):
+        from tests.test_stepper import stepped
+
+        m = stepped(self, cache)
+        return np.concatenate([m, np.ones((len(m), 1))], 1).astype(bool)
+
+
+@pytest.mark.parametrize("mode,head", [("confidence", "softmax"), ("state_confidence", "softmax"),
+                                       ("state_probs", "sigmoid")])
+def test_lean_graphs_keep_the_clip_where_it_acts(cache, mode, head, tmp_path):
+    pol = _SpecPolicy(mode, cache, head)
+    mods = OD.decision_modules(pol, cache.num_layers, cache.num_classes)
+    graphs = [OD.lean_graph(m) for m in mods]
+    assert all(g is not None for g in graphs)
+    ops = {n.op_type for n in graphs[-1].graph.node}
+    assert {"Max", "Min"} <= ops  # the window is kept (feature 1's range exceeds it)
+    assert not {"Softmax", "Sigmoid"} & ops  # the head compares a margin
+    check(pol, cache, tmp_path)
+
+
+def test_lean_graph_of_confidence_without_clip_needs_few_nodes(cache):
+    pol = learned(cache, "confidence", False)
+    mods = OD.decision_modules(pol, cache.num_layers, cache.num_classes)
+    first, later = (len(OD.lean_graph(m).graph.node) for m in (mods[0], mods[1]))
+    assert first < later <= 30  # layer 1 folds the (constant) history into the bias
+
+
+def test_the_known_exit_chain_runs_the_layers_up_to_the_exit_it_is_told(tiny, tiny_graphs):
+    g, ds = tiny_graphs, tiny["ds"]
+    ref = EarlyExitClassifier.from_checkpoint(tiny["ckpt"], StaticExit(1))
+    known = OD.KnownExitChain(g)
+    for text in ds["text_a"][:3]:
+        inp = {k: v.numpy() for k, v in next(iter(ref.batches(ref.tokenize([text]), 1)))[1].items()}
+        hidden, _, logp, *ctx = g.first(**inp)
+        for k in range(1, g.num_layers + 1):
+            if k > 1:
+                hidden, _, logp = g.layer(k - 1, hidden, inp["attention_mask"], ctx)
+            got, layer = known.run(k, **inp)
+            assert layer == k
+            np.testing.assert_allclose(got, logp, atol=1e-5)
+    with pytest.raises(ValueError, match="an exit layer in 1.."):
+        known.run(g.num_layers + 1, **inp)

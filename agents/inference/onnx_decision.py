@@ -56,9 +56,9 @@ from torch import nn
 from backbones.files import claim, read_json, sha256_file, write_json
 from cee_env.observations import N_CONFIDENCE, uses_states
 
-__all__ = ["DecisionModule", "DecisionGraphs", "decision_modules"]
+__all__ = ["DecisionModule", "DecisionGraphs", "KnownExitChain", "decision_modules"]
 
-FORMAT = 1
+FORMAT = 2  # 2: learned decisions written by lean_graph (1: torch.onnx.export of DecisionModule)
 RECORD = "decide.json"
 CARRY = ["prev_pred", "patience", "prev_max"]
 _ACTS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": nn.functional.gelu, "identity": lambda x: x}
@@ -84,7 +84,7 @@ class DecisionModule(nn.Module):
         self.kind, self.l, self.L, self.C, self.mode = kind, int(l), int(num_layers), int(num_classes), mode
         self.bound = float(bound)
         self.threshold = None if threshold is None else float(threshold)
-        self.head, self.exit_index, self.clip, self.folded = None, 1, None, False
+        self.head, self.exit_index, self.clip, self.folded, self.spec = None, 1, None, False, None
         self.acts: list[str] = []
         self.segments: list[tuple[str, int]] = []
         if kind == "spec":
@@ -93,6 +93,7 @@ class DecisionModule(nn.Module):
             raise ValueError(f"unknown decision kind {kind!r}")
 
     def _init_spec(self, spec) -> None:
+        self.spec = spec  # (what :func:`lean_graph` writes the ONNX graph from; the buffers below hold the same)
         self.head, self.exit_index, self.clip = spec.head, int(spec.exit_index), spec.clip
         self.threshold = None if spec.threshold is None else float(spec.threshold)
         L, C, mode = self.L, self.C, self.mode
@@ -238,6 +239,203 @@ def fingerprint(modules: list[DecisionModule]) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------- the lean graph of a learned decision
+def _logit(t: float) -> float:
+    """The margin threshold equal to ``sigmoid(margin) > t``: -inf for t <= 0 (always), +inf for t >= 1 (never)."""
+    if t <= 0.0:
+        return -math.inf
+    if t >= 1.0:
+        return math.inf
+    return math.log(t) - math.log1p(-t)
+
+
+def lean_graph(m: DecisionModule):
+    """The ONNX graph of a ``"spec"`` decision written node by node (a ModelProto), or None when the spec has a
+    shape it does not cover (the module is then exported by ``torch.onnx.export``).
+
+    Why: inside the batch-1 chain every node costs ~1 us, and a learned decision is evaluated after most
+    layers; the exported module needs ~33 nodes (SB3 PPO, confidence observation), this ~16 at layer 1 and
+    ~24 after. What it saves, all exact in real arithmetic (equal up to float32 rounding):
+
+    - the normalisation (and the feature scales: entropy / log C, patience / (L - 1)) is folded into the
+      first layer's weights; the layer's one-hot and, at layer 1, the history features (constant 0) into its
+      bias;
+    - VecNormalize's clip is kept only for features whose range does not provably stay inside it (every
+      confidence feature lies in [0, 1]; the states in +-bound), as one element-wise Max/Min pair on the
+      observation with per-feature bounds;
+    - the head compares a margin with a threshold instead of computing a probability:
+      ``softmax(x)[e] > t`` <=> ``x_e - x_o > logit(t)`` (likewise ``sigmoid``, ``qdiff``; ``argmax``: the
+      margin against 0), with the last layer reduced to that one margin column.
+
+    ``score`` is that margin (:func:`_check` converts it to the module's score)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = m.spec
+    if m.kind != "spec" or spec is None:
+        return None
+    layers = [(np.asarray(w, np.float64), np.asarray(b, np.float64).reshape(-1), a) for w, b, a in spec.layers]
+    if layers[-1][2] != "identity" or any(a not in ("tanh", "relu", "gelu", "identity") for *_, a in layers):
+        return None
+    out_dim = layers[-1][0].shape[1]
+    if (m.head == "sigmoid") != (out_dim == 1) or out_dim > 2:
+        return None
+    L, C, l, e = m.L, m.C, m.l, m.exit_index
+    w0, b0 = layers[0][0], layers[0][1].copy()
+    D = w0.shape[0]
+    shift = np.zeros(D) if spec.shift is None else np.asarray(spec.shift, np.float64).reshape(-1)
+    scale = np.ones(D) if spec.scale is None else np.asarray(spec.scale, np.float64).reshape(-1)
+    clip = None if spec.clip is None else float(spec.clip)
+    log_c = math.log(max(C, 2))
+    # the observation's features, in order: (graph column or None for a constant, factor a (feature = a * column
+    # value), the feature's own range, the column's own clamp (None: none), constant value)
+    feats: list[tuple] = []
+    cols: list[str] = []  # graph parts, concatenated in this order: name -> width
+
+    def add(part, width, a, lo, hi, own=None):
+        cols.append((part, width))
+        for j in range(width):
+            feats.append(((part, j), a, lo, hi, own, None))
+
+    def const(v):
+        feats.append((None, 1.0, v, v, None, v))
+
+    for name, n in m.segments:
+        if name == "states":
+            add("states", n, 1.0, -m.bound, m.bound, (-m.bound, m.bound))
+        elif name == "probs":
+            add("p", n, 1.0, 0.0, 1.0)
+        elif name == "onehot":
+            for j in range(n):
+                const(1.0 if j == l else 0.0)
+        else:  # conf: top1, top2, entropy / log C, agree, patience / (L - 1), previous max probability
+            add("top", 2, 1.0, 0.0, 1.0)
+            add("s", 1, -1.0 / log_c, 0.0, 1.0, (-log_c, 0.0))  # s = sum p log p, clamped: entropy in [0, 1]
+            if l == 0:
+                const(0.0), const(0.0), const(0.0)
+            else:
+                add("agree", 1, 1.0, 0.0, 1.0)
+                add("count", 1, 1.0 / max(L - 1, 1), 0.0, 1.0)
+                add("prev_max", 1, 1.0, 0.0, 1.0)
+    if len(feats) != D:
+        return None
+    # fold: z_f = clip((a_f * col - shift_f) / scale_f); a feature that provably stays inside the clip is linear
+    rows, lo_col, hi_col = [], [], []
+    windowed = False  # does some feature need the clip's window (else: only the columns' own clamps)
+    for f, (col, a, lo, hi, own, v) in enumerate(feats):
+        if col is None:  # a constant: its normalised (and clipped) value goes to the bias
+            z = (v - shift[f]) / scale[f]
+            b0 += (z if clip is None else min(max(z, -clip), clip)) * w0[f]
+            continue
+        clo, chi = (-math.inf, math.inf) if own is None else own  # the column's own clamp, in column units
+        if clip is not None:
+            zl, zh = (lo - shift[f]) / scale[f], (hi - shift[f]) / scale[f]
+            if not (zl >= -clip * (1 - 1e-6) and zh <= clip * (1 - 1e-6)):  # clamp the feature to the clip's window
+                flo, fhi = sorted(((shift[f] - clip * scale[f]) / a, (shift[f] + clip * scale[f]) / a))
+                if flo > chi or fhi < clo:  # the clip makes it constant
+                    z = min(max(((clo if fhi < clo else chi) * a - shift[f]) / scale[f], -clip), clip)
+                    b0 += z * w0[f]
+                    rows.append(np.zeros(w0.shape[1]))
+                    lo_col.append(-math.inf), hi_col.append(math.inf)
+                    continue
+                clo, chi = max(clo, flo), min(chi, fhi)
+                windowed = True
+        rows.append(w0[f] * a / scale[f])
+        b0 -= (shift[f] / scale[f]) * w0[f]
+        lo_col.append(clo), hi_col.append(chi)
+    w_first = np.stack(rows)
+    mlp = [(w_first, b0, layers[0][2])] + layers[1:]
+    wl, bl, _ = mlp[-1]
+    if out_dim == 1:
+        wm, bm = wl[:, 0], bl[0]
+    else:
+        wm, bm = wl[:, e] - wl[:, 1 - e], bl[e] - bl[1 - e]
+    thr = 0.0 if m.head == "argmax" else _logit(float(m.threshold))
+    compare = "GreaterOrEqual" if m.head == "argmax" and e == 0 else "Greater"  # argmax: the first on ties
+
+    nodes, inits = [], []
+
+    def c(name, value, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def node(op, ins, out, **kw):
+        nodes.append(helper.make_node(op, ins, [out], **kw))
+        return out
+
+    FLOAT, INT = TensorProto.FLOAT, TensorProto.INT64
+    conf = any(n == "conf" for n, _ in m.segments)
+    inputs = [helper.make_tensor_value_info("log_probs", FLOAT, ["batch", C])]
+    if uses_states(m.mode):
+        inputs.insert(0, helper.make_tensor_value_info("pooled", FLOAT, ["batch", dict(cols)["states"]]))
+    inputs += [helper.make_tensor_value_info("prev_pred", INT, ["batch"]),
+               helper.make_tensor_value_info("patience", FLOAT, ["batch"]),
+               helper.make_tensor_value_info("prev_max", FLOAT, ["batch"])]
+    parts = {}
+    if any(n in ("p", "top", "s") for n, _ in cols) or conf:
+        parts["p"] = node("Exp", ["log_probs"], "p")
+    if conf:
+        node("TopK", ["p", c("k2", [2], np.int64)], "top", axis=1)  # (values; the indices are not read)
+        nodes[-1].output.append("top_idx")
+        parts["top"] = "top"
+        lpf = node("Max", ["log_probs", c("lp_floor", -1e30)], "lp_f")  # 0 * log 0 counts 0
+        parts["s"] = node("ReduceSum", [node("Mul", ["p", lpf], "plp"), c("ax1", [1], np.int64)], "s", keepdims=1)
+        pred = node("ArgMax", ["log_probs"], "pred", axis=1, keepdims=0)
+        top1 = node("Gather", ["top", c("i0", 0, np.int64)], "top1", axis=1)
+        if l > 0:
+            agree = node("Cast", [node("Equal", [pred, "prev_pred"], "eq")], "agree", to=FLOAT)
+            count = node("Mul", [node("Add", ["patience", c("one", 1.0)], "pat1"), agree], "count")
+            ax = c("ax1u", [1], np.int64)
+            for name, src in (("agree", agree), ("count", count), ("prev_max", "prev_max")):
+                parts[name] = node("Unsqueeze", [src, ax], f"{name}_2d")
+        else:  # the history starts here
+            count = node("Mul", ["patience", c("zero", 0.0)], "count")
+        carry = [pred, count, top1]
+    else:  # the history is not read: passed on unchanged
+        carry = ["prev_pred", "patience", "prev_max"]
+    if "states" in (n for n, _ in cols):
+        parts["states"] = "pooled"
+    if not windowed:  # each column's own clamp (entropy; states to +-bound) as a scalar Clip on its part
+        for name in ("s", "states"):
+            if name in parts:
+                lo, hi = {"s": (-log_c, 0.0), "states": (-m.bound, m.bound)}[name]
+                parts[name] = node("Clip", [parts[name], c(f"{name}_lo", lo), c(f"{name}_hi", hi)], f"{name}_c")
+    x = parts[cols[0][0]] if len(cols) == 1 else node("Concat", [parts[n] for n, _ in cols], "obs", axis=1)
+    if windowed:  # one element-wise clamp of the observation: each column's own range within the clip's window
+        lo = np.array([max(v, -3.0e38) for v in lo_col], np.float32)
+        hi = np.array([min(v, 3.0e38) for v in hi_col], np.float32)
+        x = node("Min", [node("Max", [x, c("obs_lo", lo[None])], "obs_lo_c"), c("obs_hi", hi[None])], "obs_c")
+    for i, (w, b, act) in enumerate(mlp[:-1]):
+        x = node("Gemm", [x, c(f"w{i}", w), c(f"b{i}", b)], f"h{i}")
+        x = _act_nodes(node, c, act, x, f"a{i}")
+    margin = node("Add", [node("MatMul", [x, c("wm", wm)], "mm"), c("bm", bm)], "score")
+    node(compare, [margin, c("thr", thr)], "exit")
+    outs = [node("Identity", [src], f"{name}_out") for name, src in zip(CARRY, carry)]
+    out_info = [helper.make_tensor_value_info("exit", TensorProto.BOOL, ["batch"]),
+                helper.make_tensor_value_info("score", FLOAT, ["batch"]),
+                helper.make_tensor_value_info(outs[0], INT, ["batch"]),
+                helper.make_tensor_value_info(outs[1], FLOAT, ["batch"]),
+                helper.make_tensor_value_info(outs[2], FLOAT, ["batch"])]
+    from agents.inference.onnx_runtime import OPSET
+
+    used = {i for nd in nodes for i in nd.input}
+    graph = helper.make_graph(nodes, f"decide_{l}", [i for i in inputs if i.name in used], out_info, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def _act_nodes(node, c, act: str, x: str, tag: str) -> str:
+    if act == "tanh":
+        return node("Tanh", [x], tag)
+    if act == "relu":
+        return node("Relu", [x], tag)
+    if act == "gelu":  # the erf form torch exports (ONNX Runtime fuses it into one Gelu)
+        e = node("Erf", [node("Div", [x, c(f"{tag}_sqrt2", math.sqrt(2.0))], f"{tag}_d")], f"{tag}_e")
+        return node("Mul", [node("Mul", [x, node("Add", [e, c(f"{tag}_one", 1.0)], f"{tag}_p")], f"{tag}_m"),
+                            c(f"{tag}_half", 0.5)], tag)
+    return x
+
+
 # --------------------------------------------------------------------------- export and check
 _IN = ["pooled", "log_probs", *CARRY]
 _OUT = ["exit", "score", *(f"{c}_out" for c in CARRY)]
@@ -261,20 +459,30 @@ def export_decisions(modules: list[DecisionModule], hidden: int, folder: Path) -
 
     folder.mkdir(parents=True, exist_ok=True)
     axes = {n: {0: "batch"} for n in _IN + _OUT}
+    import onnx
+
+    lean = set()
     for m in modules:
         m.eval()
+        model = lean_graph(m)
+        if model is not None:
+            onnx.checker.check_model(model)
+            onnx.save(model, str(folder / _graph_name(m.l)))
+            lean.add(m.l)
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(m, _example(hidden, m.C, 2, 0), str(folder / _graph_name(m.l)), dynamo=False,
                               opset_version=OPSET, input_names=_IN, output_names=_OUT, dynamic_axes=axes)
-    _check(modules, hidden, folder)
+    _check(modules, hidden, folder, lean)
     return {_graph_name(m.l): sha256_file(folder / _graph_name(m.l)) for m in modules}
 
 
 @torch.no_grad()
-def _check(modules: list[DecisionModule], hidden: int, folder: Path) -> None:
+def _check(modules: list[DecisionModule], hidden: int, folder: Path, lean: set[int] = frozenset()) -> None:
     """Each graph against its torch module on 64 rows it was not traced on: scores within 1e-4, and the same
-    decisions wherever the score is not within 1e-4 of the threshold."""
+    decisions wherever the score is not within 1e-4 of the threshold (a :func:`lean_graph`'s score, layers in
+    ``lean``, is a margin: compared as the module's score, its sigmoid but for the argmax head)."""
     import onnxruntime as ort
 
     for m in modules:
@@ -287,9 +495,13 @@ def _check(modules: list[DecisionModule], hidden: int, folder: Path) -> None:
             if a.shape != b.shape:
                 raise RuntimeError(f"the exported decision graph {_graph_name(m.l)} gives {name} of shape {a.shape}, "
                                    f"torch {b.shape}")
-        err = float(np.abs(got[1].astype(np.float64) - want[1]).max())
+        score = got[1].astype(np.float64)
+        if m.l in lean and m.head != "argmax":
+            score = 1.0 / (1.0 + np.exp(-score))
+        err = float(np.abs(score - want[1]).max())
         near = np.abs(want[1] - (m.threshold if m.threshold is not None else 0.0)) <= 1e-4
-        if err > 1e-4 or (got[0] != want[0])[~near].any() or (got[2] != want[2]).any():
+        history = m.kind == "patience" or any(n == "conf" for n, _ in m.segments)  # (else not carried on)
+        if err > 1e-4 or (got[0] != want[0])[~near].any() or (history and (got[2] != want[2]).any()):
             raise RuntimeError(f"the exported decision graph {_graph_name(m.l)} differs from its torch module "
                                f"(largest score difference {err:.3g})")
 
@@ -400,18 +612,27 @@ def _merged(graphs, folder: Path, base: str, l: int):
                                 outputs=outs + ["d_exit"] + [f"d_{c}_out" for c in CARRY])
 
 
-def build_chain(graphs, folder: Path, num_layers: int):
+def build_chain(graphs, folder: Path | None, num_layers: int, known: bool = False):
     """One graph for a batch of one: layer 1 and its decision, then each further layer inside the ``else`` branch
     of an ``If`` on the previous decision -> ``(log_probs [1, C], exit_layer [] int64)``. Each layer's weights
     live in its own branch (ONNX Runtime prepacks a branch's own initializers; read from the outer scope
-    they made the chain slower than per-layer calls in a probe)."""
+    they made the chain slower than per-layer calls in a probe).
+
+    ``known=True``: the same chain with no decision graphs (``folder`` unused) and the exit layer given as an
+    input (``exit_at`` [1] int64, 1-based): the early exit as it would run if deciding cost nothing, the
+    reference :mod:`benchmarks.inference_speed` measures the decisions' cost against."""
     import onnx
     from onnx import TensorProto, compose, helper
 
     L = num_layers
-    top = _merged(graphs, folder, "first.onnx", 0)
+
+    def layer_model(base: str, l: int):
+        if known or l == L - 1:
+            return onnx.load(str(graphs.folder / base))
+        return _merged(graphs, folder, base, l)
+
+    top = layer_model("first.onnx", 0)
     ctx = list(graphs.ctx_names)
-    axes0 = onnx.numpy_helper.from_array(np.array([0], dtype=np.int64), "chain_axes0")
 
     def outputs(tag):
         return [helper.make_tensor_value_info(f"{tag}_log_probs", TensorProto.FLOAT, None),
@@ -425,18 +646,19 @@ def build_chain(graphs, folder: Path, num_layers: int):
             tag, [], outputs(tag))
 
     def decide(exit_name, log_probs, l, tag):  # If(exit) then layer l + 1's output else the next layer
-        cond = f"{tag}_cond"
-        return [helper.make_node("Squeeze", [exit_name, "chain_axes0"], [cond]),
-                helper.make_node("If", [cond], [f"{tag}_log_probs", f"{tag}_exit_layer"],
-                                 then_branch=done(f"{tag}_t", log_probs, l + 1), else_branch=branch(l + 1, tag))]
+        nodes = []  # (If reads its one-element condition [1] as it is)
+        if known:  # exit here iff exit_at == l + 1
+            exit_name = f"{tag}_known"
+            nodes.append(helper.make_node("Equal", ["exit_at", f"chain_layer_{l + 1}"], [exit_name]))
+        return nodes + [
+            helper.make_node("If", [exit_name], [f"{tag}_log_probs", f"{tag}_exit_layer"],
+                             then_branch=done(f"{tag}_t", log_probs, l + 1), else_branch=branch(l + 1, tag))]
 
     prev = {"hidden": "hidden_out", **{f"d_{c}": f"d_{c}_out" for c in CARRY}}
 
     def branch(l, parent):
         p = f"c{l}_"
-        m = (_merged(graphs, folder, f"layer_{l}.onnx", l) if l < L - 1
-             else onnx.load(str(graphs.folder / f"layer_{l}.onnx")))
-        m = compose.add_prefix(m, p)
+        m = compose.add_prefix(layer_model(f"layer_{l}.onnx", l), p)
         src = {"hidden": prev_names[l]["hidden"], "attention_mask": "attention_mask", **{c: c for c in ctx},
                **{f"d_{c}": prev_names[l][f"d_{c}"] for c in CARRY}}
         binds = [helper.make_node("Identity", [src[i.name[len(p):]]], [i.name]) for i in m.graph.input]
@@ -454,8 +676,35 @@ def build_chain(graphs, folder: Path, num_layers: int):
     for l in range(2, L):
         prev_names[l] = {"hidden": f"c{l - 1}_hidden_out", **{f"d_{c}": f"c{l - 1}_d_{c}_out" for c in CARRY}}
     nodes = list(top.graph.node) + decide("d_exit", "log_probs", 0, "chain")
-    graph = helper.make_graph(nodes, "early_exit_chain", list(top.graph.input), outputs("chain"),
-                              initializer=list(top.graph.initializer) + [axes0])
+    inits = list(top.graph.initializer)
+    inputs = list(top.graph.input)
+    if known:
+        inits += [onnx.numpy_helper.from_array(np.array([k], dtype=np.int64), f"chain_layer_{k}") for k in range(1, L)]
+        inputs.append(helper.make_tensor_value_info("exit_at", TensorProto.INT64, [1]))
+    graph = helper.make_graph(nodes, "early_exit_chain", inputs, outputs("chain"), initializer=inits)
     model = helper.make_model(graph, opset_imports=top.opset_import)
     model.ir_version = top.ir_version
     return model
+
+
+class KnownExitChain:
+    """A batch of one through the chain of :func:`build_chain` ``(known=True)``: the layers up to a given exit
+    layer, each with its pooling and classifier, no decision (what early exit would cost if deciding were
+    free). ``run(exit_at, input_ids, attention_mask, token_type_ids) -> (log_probs [1, C], exit layer)``."""
+
+    def __init__(self, graphs) -> None:
+        import onnxruntime as ort
+
+        self.graphs, self.num_layers = graphs, graphs.num_layers
+        self._sess = ort.InferenceSession(build_chain(graphs, None, graphs.num_layers, known=True).SerializeToString(),
+                                          sess_options=graphs.session_options(), providers=["CPUExecutionProvider"])
+        self._in = {i.name for i in self._sess.get_inputs()}
+
+    def run(self, exit_at: int, input_ids, attention_mask, token_type_ids=None) -> tuple[np.ndarray, int]:
+        if input_ids.shape[0] != 1 or not 1 <= int(exit_at) <= self.num_layers:
+            raise ValueError(f"a batch of one and an exit layer in 1..{self.num_layers}; got {input_ids.shape[0]} "
+                             f"rows, exit layer {exit_at}")
+        feed = self.graphs._feed(self._in, input_ids, attention_mask, token_type_ids)
+        feed["exit_at"] = np.array([int(exit_at)], dtype=np.int64)
+        logp, layer = self._sess.run(None, feed)
+        return logp, int(layer)
