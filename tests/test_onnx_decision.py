@@ -264,6 +264,11 @@ def test_lean_graphs_keep_the_clip_where_it_acts(cache, mode, head, tmp_path):
     ops = {n.op_type for n in graphs[-1].graph.node}
     assert {"Max", "Min"} <= ops  # the window is kept (feature 1's range exceeds it)
     assert not {"Softmax", "Sigmoid"} & ops  # the head compares a margin
+    if mode == "confidence":  # feature 0 (top1, in [0, 1]) sits below its window [4.7, 5.3]: a constant in the bias
+        from onnx import numpy_helper
+
+        w = {i.name: numpy_helper.to_array(i) for i in graphs[0].graph.initializer}["w0"]
+        assert not w[0].any() and w[1].any()
     check(pol, cache, tmp_path)
 
 

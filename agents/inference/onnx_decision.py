@@ -7,8 +7,9 @@
 Why: asking the policy in numpy after every layer costs 40-60 us per layer (the confidence features,
 the MLP, Python between two ONNX Runtime calls); on a short input at batch 1 a MiniLM layer is
 ~0.6-0.9 ms, so that alone is 5-10% of what early exit saves. Here the decision is a small graph
-(:class:`DecisionModule`, exported with ``torch.onnx.export``) merged *in memory* with the layer's
-graph (``onnx.compose.merge_models``), so one ONNX Runtime call per layer returns the layer's
+(a learned decision written node by node by :func:`lean_graph`, a heuristic's :class:`DecisionModule`
+exported with ``torch.onnx.export``; either is checked against the module) merged *in memory* with the
+layer's graph (``onnx.compose.merge_models``), so one ONNX Runtime call per layer returns the layer's
 log-probabilities and its exit decisions.
 
 What a decision reads from earlier layers (the previous prediction, the patience count, the
@@ -331,8 +332,10 @@ def lean_graph(m: DecisionModule):
             zl, zh = (lo - shift[f]) / scale[f], (hi - shift[f]) / scale[f]
             if not (zl >= -clip * (1 - 1e-6) and zh <= clip * (1 - 1e-6)):  # clamp the feature to the clip's window
                 flo, fhi = sorted(((shift[f] - clip * scale[f]) / a, (shift[f] + clip * scale[f]) / a))
-                if flo > chi or fhi < clo:  # the clip makes it constant
-                    z = min(max(((clo if fhi < clo else chi) * a - shift[f]) / scale[f], -clip), clip)
+                rlo, rhi = sorted((lo / a, hi / a))  # the column's values (the feature's range, its own clamp)
+                rlo, rhi = max(rlo, clo), min(rhi, chi)
+                if flo > rhi or fhi < rlo:  # every value lies on one side of the window: the clip makes it constant
+                    z = min(max(((rlo if fhi < rlo else rhi) * a - shift[f]) / scale[f], -clip), clip)
                     b0 += z * w0[f]
                     rows.append(np.zeros(w0.shape[1]))
                     lo_col.append(-math.inf), hi_col.append(math.inf)
