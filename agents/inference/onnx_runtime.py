@@ -502,5 +502,7 @@ class OnnxEarlyExitClassifier(EarlyExitClassifier):
 
 
 def _np(x) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == np.int64 and x.flags.c_contiguous:  # (as it comes, the common case)
+        return x
     a = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return np.ascontiguousarray(a, dtype=np.int64)
