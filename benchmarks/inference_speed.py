@@ -343,11 +343,10 @@ def bench_policy(task: str, ds, policy, desc: str, ckpt: Path, cache, args) -> d
                 from agents.inference.onnx_decision import KnownExitChain
 
                 known = KnownExitChain(c.graphs)
-                diff = 0.0  # (also its warm-up) the known-exit chain gives early exit's log-probabilities
+                known_diff = 0.0  # (also its warm-up) the known-exit chain gives early exit's log-probabilities
                 for idx, inp in zip(idxs, batches):
                     logp, _ = known.run(int(ev_exits[idx[0]]), **inp)
-                    diff = max(diff, float(np.abs(logp - logps[rt][idx]).max()))
-                known_diff = diff
+                    known_diff = max(known_diff, float(np.abs(logp - logps[rt][idx]).max()))
         # (torch inputs, numpy inputs, the evaluator's exit layer of the batch's first row)
         pairs = [(inputs[i], np_inputs[i], int(ev_exits[idxs[i][0]])) for i in range(len(inputs))]
         timed = {k: (lambda pair, f=f, rt=k.split(":")[0]: f(pair[0] if rt == "torch" else pair[1]))

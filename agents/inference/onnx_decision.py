@@ -255,8 +255,8 @@ def lean_graph(m: DecisionModule):
     shape it does not cover (the module is then exported by ``torch.onnx.export``).
 
     Why: inside the batch-1 chain every node costs ~1 us, and a learned decision is evaluated after most
-    layers; the exported module needs ~33 nodes (SB3 PPO, confidence observation), this ~16 at layer 1 and
-    ~24 after. What it saves, all exact in real arithmetic (equal up to float32 rounding):
+    layers; the exported module needs ~33 nodes (SB3 PPO, confidence observation), this 20 at layer 1 and
+    26 after. What it saves, all exact in real arithmetic (equal up to float32 rounding):
 
     - the normalisation (and the feature scales: entropy / log C, patience / (L - 1)) is folded into the
       first layer's weights; the layer's one-hot and, at layer 1, the history features (constant 0) into its
@@ -290,7 +290,7 @@ def lean_graph(m: DecisionModule):
     # the observation's features, in order: (graph column or None for a constant, factor a (feature = a * column
     # value), the feature's own range, the column's own clamp (None: none), constant value)
     feats: list[tuple] = []
-    cols: list[str] = []  # graph parts, concatenated in this order: name -> width
+    cols: list[tuple[str, int]] = []  # graph parts, concatenated in this order: (name, width)
 
     def add(part, width, a, lo, hi, own=None):
         cols.append((part, width))
@@ -564,12 +564,16 @@ class DecisionGraphs:
             return None
         return cls(graphs, ensure_decisions(graphs.folder, mods, hidden))
 
+    @staticmethod
+    def _no_history(names, b: int) -> dict[str, np.ndarray]:
+        """The history inputs of a first graph (those it kept) for ``b`` rows: zeros (layer 1 reads no history)."""
+        zeros = {"d_prev_pred": np.zeros(b, np.int64), "d_patience": np.zeros(b, np.float32),
+                 "d_prev_max": np.zeros(b, np.float32)}
+        return {k: v for k, v in zeros.items() if k in names}
+
     def _first_feed(self, names, input_ids, attention_mask, token_type_ids) -> dict[str, np.ndarray]:
         feed = self.graphs._feed(names, input_ids, attention_mask, token_type_ids)
-        b = input_ids.shape[0]
-        zeros = {"d_prev_pred": np.zeros(b, np.int64), "d_patience": np.zeros(b, np.float32),
-                 "d_prev_max": np.zeros(b, np.float32)}  # (layer 1 reads no history; fed if the graph kept them)
-        feed.update({k: v for k, v in zeros.items() if k in names})
+        feed.update(self._no_history(names, input_ids.shape[0]))
         return feed
 
     def first(self, input_ids, attention_mask, token_type_ids=None) -> list[np.ndarray]:
@@ -589,9 +593,7 @@ class DecisionGraphs:
             self._chain_in = names = {i.name for i in self._chain.get_inputs()}
             # what every call feeds alike (the history's zeros: the graphs never write their inputs), made once:
             # at batch 1 the Python around the call is a measurable share of a short input's time
-            self._chain_fixed = {k: v for k, v in self._first_feed(names, np.zeros((1, 1), np.int64),
-                                                                  np.ones((1, 1), np.int64), None).items()
-                                 if k.startswith("d_")}
+            self._chain_fixed = self._no_history(names, 1)
             self._chain_tt = "token_type_ids" in names
             self._chain_names = None if {"input_ids", "attention_mask"} <= names else names
             self._chain_out = [o.name for o in self._chain.get_outputs()]
