@@ -19,11 +19,16 @@ Budget: REINFORCE stops once its trajectories have taken the budget's env steps
 algorithms finish their last rollout, so they may overshoot by up to
 n_steps * n_envs steps. The table shows the measured env steps.
 
-Writes runs/compare/<env>/results.json and compare.png (training reward vs env steps;
-IQM and CI of the test return per algorithm; test metric vs saved layers per seed).
+Writes runs/compare/<name>/results.json and compare.png (training reward vs env steps;
+IQM and CI of the test return per algorithm; test metric vs saved layers per seed). <name> is
+``--name``, else the env, the backbone and each setting that differs from the defaults (e.g.
+``MCID-v0-confidence-consistency-a0.01``), which also names its runs' folders: comparisons of other
+settings never overwrite each other's policies or results.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -64,7 +69,8 @@ class Args(DataArgs):
     n_envs: int = 8
     """SB3: env copies in the DummyVecEnv"""
     name: str | None = None
-    """output folder under runs/compare (default: the env name, e.g. RTE-v0, with -<model> for another --model)"""
+    """output folder under runs/compare, and the stem of its runs' folders (default: the env name, e.g. RTE-v0,
+    with -<model> for another --model and every other setting that differs from the defaults)"""
     quiet: bool = False
     """print only the final table"""
     workers: int = 0
@@ -74,10 +80,32 @@ class Args(DataArgs):
     """run them on the Ray cluster at this address (e.g. ray://head:10001 or auto) instead"""
 
 
+def comparison_name(args: Args) -> str:
+    """The comparison's folder under runs/compare and the stem of its runs' folders: ``--name``, else the env,
+    the backbone and every setting that changes the policies and differs from the defaults (e.g.
+    ``RTE-v0-all-mpnet-base-v2-confidence-consistency-a0.02``), so that a comparison of other settings or on
+    another backbone does not overwrite this one's policies and results."""
+    if args.name:
+        return args.name
+    d = Args()
+    parts = [args.env.split("/")[-1] + model_suffix(args.model)]
+    if (args.obs, args.reward, args.alpha) != (d.obs, d.reward, d.alpha):
+        parts.append(f"{args.obs}-{args.reward}-a{args.alpha:g}")
+    if args.train_split != d.train_split:
+        parts.append(args.train_split)
+    if args.budget != d.budget:
+        parts.append(f"b{args.budget}")
+    if args.n_envs != d.n_envs:
+        parts.append(f"envs{args.n_envs}")
+    where = [args.protocol, args.checkpoint, args.task_file, args.data_dir]
+    if any(w is not None for w in where):  # (what the caches are made from: a short hash of it)
+        parts.append(hashlib.sha256(json.dumps(where).encode()).hexdigest()[:8])
+    return "-".join(parts)
+
+
 def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> dict:
     """Train one algorithm with one seed; returns a row of the comparison."""
-    env_name = args.env.split("/")[-1]
-    run_name = f"compare-{env_name}-{algo}-s{seed}"
+    run_name = f"compare-{comparison_name(args)}-{algo}-s{seed}"
     t0 = time.time()
     if algo == "reinforce":
         ra = reinforce.Args(env=args.env, reward=args.reward, alpha=args.alpha, obs=args.obs, seed=seed, quiet=True,
@@ -238,7 +266,7 @@ def compare(args: Args, caches: dict[str, LayerCache] | None = None) -> dict:
     cee_env.env_task(args.env)  # registers cee/<Task>-v0 (a clear error for an unknown env id)
     if caches is None:
         caches = reinforce.make_caches(args)
-    out_dir = runs_dir() / "compare" / (args.name or args.env.split("/")[-1] + model_suffix(args.model))
+    out_dir = runs_dir() / "compare" / comparison_name(args)
     jobs = [(algo, seed, args) for algo in algos for seed in range(args.seeds)]  # independent: any order, any worker
     rows = fit_map(run_one, jobs, [f"{algo}/seed{seed}" for algo, seed, _ in jobs], shared=caches, workers=args.workers,
                    address=args.ray_address, desc=None if args.quiet else f"[compare] {len(jobs)} runs")

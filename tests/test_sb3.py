@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,9 +92,12 @@ def test_compare_writes_table_json_and_png(caches, tmp_path, monkeypatch):
     monkeypatch.setenv("CEE_RUNS_DIR", str(tmp_path))
     out = compare(Args(env="cee/Synthetic-v0", algos="reinforce,ppo", seeds=2, budget=3_000, reward="vanilla",
                        alpha=0.3, n_envs=4, quiet=True), caches)
-    d = tmp_path / "compare" / "Synthetic-v0"
+    name = "Synthetic-v0-state_layer-vanilla-a0.3-b3000-envs4"  # the settings that differ from the defaults
+    d = tmp_path / "compare" / name
     assert (d / "compare.png").stat().st_size > 1000
     res = json.loads((d / "results.json").read_text())
+    assert {Path(r["run_dir"]).name for r in res["runs"]} == {f"compare-{name}-{a}-s{s}" for a in ("reinforce", "ppo")
+                                                               for s in (0, 1)}
     assert [(r["algo"], r["seed"]) for r in res["runs"]] == [("reinforce", 0), ("reinforce", 1), ("ppo", 0), ("ppo", 1)]
     assert set(res["iqm"]["dev"]) == {"reinforce", "ppo"}
     assert set(res["reference"]["dev"]) == {"full-depth", "oracle"}
@@ -120,6 +124,22 @@ def test_compare_writes_table_json_and_png(caches, tmp_path, monkeypatch):
     assert trajectories <= rf["env_steps"] <= trajectories * caches["train"].num_layers
 
     assert "reinforce" in out["table"] and "ppo" in out["table"]
+
+
+def test_comparison_names_keep_other_settings_apart():
+    """Comparisons of other settings, backbones or checkpoints get their own folders (and runs' folders): one
+    never overwrites another's policies or results; the defaults keep the plain env name."""
+    from agents.compare import Args, comparison_name
+
+    assert comparison_name(Args()) == "RTE-v0"
+    assert comparison_name(Args(env="cee/MCID-v0", obs="confidence", reward="consistency", alpha=0.01)) == \
+        "MCID-v0-confidence-consistency-a0.01"
+    assert comparison_name(Args(model="all-mpnet-base-v2")) == "RTE-v0-all-mpnet-base-v2"
+    assert comparison_name(Args(name="mine", alpha=0.2)) == "mine"
+    names = {comparison_name(a) for a in (Args(), Args(alpha=0.02), Args(budget=1000), Args(train_split="train"),
+                                          Args(checkpoint="runs/stage1/a"), Args(checkpoint="runs/stage1/b"),
+                                          Args(data_dir="/data/x"), Args(n_envs=4))}
+    assert len(names) == 8
 
 
 def test_compare_intervals_are_the_same_for_the_same_runs():
