@@ -27,8 +27,6 @@ settings never overwrite each other's policies or results.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -39,7 +37,7 @@ import numpy as np
 import cee_env  # noqa: F401  (registers cee/<Task>-v0)
 from agents import reinforce, sb3
 from agents.parallel import check_workers, fit_map
-from agents.runtime import DataArgs, tail_mean
+from agents.runtime import DataArgs, settings_name, tail_mean
 from backbones.cli import parse, user_errors
 from backbones.files import write_json
 from agents.evaluate import evaluate
@@ -80,6 +78,12 @@ class Args(DataArgs):
     """run them on the Ray cluster at this address (e.g. ray://head:10001 or auto) instead"""
 
 
+SPELLED = ("env", "model", "obs", "reward", "alpha", "train_split", "budget", "n_envs")
+"""Settings :func:`comparison_name` spells out when they differ from the defaults."""
+NOT_COMPARED = ("algos", "seeds", "name", "workers", "ray_address")
+"""Settings that pick which runs a comparison makes and where they run, not what each run learns."""
+
+
 def comparison_name(args: Args) -> str:
     """The comparison's folder under runs/compare and the stem of its runs' folders: ``--name``, else the env,
     the backbone and every setting that changes the policies and differs from the defaults (e.g.
@@ -97,10 +101,8 @@ def comparison_name(args: Args) -> str:
         parts.append(f"b{args.budget}")
     if args.n_envs != d.n_envs:
         parts.append(f"envs{args.n_envs}")
-    where = [args.protocol, args.checkpoint, args.task_file, args.data_dir]
-    if any(w is not None for w in where):  # (what the caches are made from: a short hash of it)
-        parts.append(hashlib.sha256(json.dumps(where).encode()).hexdigest()[:8])
-    return "-".join(parts)
+    # any other setting that changes the runs (protocol, checkpoint, task file, data dir, ...): a short hash
+    return settings_name(args, "-".join(parts), SPELLED + NOT_COMPARED)
 
 
 def run_one(algo: str, seed: int, args: Args, caches: dict[str, LayerCache]) -> dict:

@@ -79,12 +79,16 @@ def run_name(args, base: str, shown: tuple[str, ...]) -> str:
     e.g. env, reward, alpha and seed) followed, when any other setting that changes the policy differs from its
     default, by a short hash of those settings; so runs with different settings never share a folder (and a
     calibration made for one policy is never found beside another)."""
+    return args.run_name or settings_name(args, base, shown)
+
+
+def settings_name(args, base: str, shown: tuple[str, ...]) -> str:
+    """``base`` followed, when any setting of ``args`` not in ``shown`` (nor in :data:`NOT_POLICY`) differs from
+    its default, by a short hash of those settings (:func:`run_name` without the ``run_name`` override)."""
     import dataclasses
     import hashlib
     import json
 
-    if args.run_name:
-        return args.run_name
     changed = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
                if f.name not in shown + NOT_POLICY and getattr(args, f.name) != f.default}
     if not changed:
